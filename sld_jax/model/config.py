@@ -1,0 +1,95 @@
+"""Decoder hyper-parameters as frozen dataclasses, with the named sizes.
+
+``tiny`` is for CPU tests and the demo, ``gpt2_small`` (124M) and
+``gpt2_medium`` (355M, the paper's model) match Hugging Face GPT-2 so that
+pretrained weights map one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import gin
+import jax.numpy as jnp
+
+_NORMS = ("layernorm", "rmsnorm")
+_POSITIONS = ("learned", "rope")
+_MLPS = ("gelu", "swiglu")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Shape and switches of the decoder-only Transformer.
+
+  Defaults are the GPT-2 family: pre-LayerNorm, learned absolute positions,
+  GELU MLP, tied input/output embeddings.
+  """
+
+  vocab_size: int
+  num_layers: int = 2
+  num_heads: int = 4
+  embed_dim: int = 128
+  mlp_dim: int = 512
+  max_length: int = 1024
+  dropout_rate: float = 0.1
+  norm: str = "layernorm"
+  position: str = "learned"
+  mlp: str = "gelu"
+  layer_norm_epsilon: float = 1e-5
+  rope_max_wavelength: float = 10_000.0
+  tie_embeddings: bool = True
+  dtype: str = "float32"          # compute dtype: "float32" or "bfloat16"
+  param_dtype: str = "float32"
+  remat: bool = False             # rematerialise each layer in the backward pass
+  scan_layers: bool = False       # nn.scan over layers (one compiled layer)
+  logits_via_embedding_dtype: Optional[str] = None
+
+  def __post_init__(self):
+    if self.norm not in _NORMS:
+      raise ValueError(f"DecoderConfig.norm must be one of {_NORMS}, got {self.norm!r}")
+    if self.position not in _POSITIONS:
+      raise ValueError(
+          f"DecoderConfig.position must be one of {_POSITIONS}, got {self.position!r}")
+    if self.mlp not in _MLPS:
+      raise ValueError(f"DecoderConfig.mlp must be one of {_MLPS}, got {self.mlp!r}")
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in _DTYPES:
+        raise ValueError(
+            f"DecoderConfig.{field} must be one of {tuple(_DTYPES)}, "
+            f"got {getattr(self, field)!r}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(
+          f"DecoderConfig.embed_dim={self.embed_dim} is not divisible by "
+          f"num_heads={self.num_heads}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> "DecoderConfig":
+    return dataclasses.replace(self, **changes)
+
+
+_SIZES = {
+    "tiny": dict(num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024, max_length=512),
+    "gpt2_small": dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072),
+    "gpt2_medium": dict(num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096),
+}
+
+
+@gin.configurable
+def decoder_config(size: str = "tiny", vocab_size: int = gin.REQUIRED, **overrides) -> DecoderConfig:
+  """Builds a named size ("tiny", "gpt2_small", "gpt2_medium") with overrides."""
+  if size not in _SIZES:
+    raise ValueError(f"unknown model size {size!r}; known: {sorted(_SIZES)}")
+  return DecoderConfig(vocab_size=vocab_size, **{**_SIZES[size], **overrides})

@@ -1,0 +1,356 @@
+"""The three ASR objectives: Loss Masking, Multimodal CE and SLD.
+
+All of them read one next-token softmax over the shared vocabulary
+(``sld_jax.vocab.VocabLayout``). Position ``i`` of ``logits`` predicts
+``targets[i]`` (the seqio convention: ``decoder_target_tokens`` and
+``decoder_loss_weights`` are already aligned with the logits).
+
+Worked example, ``VocabLayout(text_size=5, speech_size=3)``::
+
+  id:      0    1           2    3    4    5             6   7   8   9 .. 127
+  meaning: PAD  <text_end>  UNK  t3   t4   <speech_end>  u0  u1  u2  rounding
+
+  One unpacked row (units u0 u2 u1, then "t3 t4", then padding):
+
+  targets            6  8  7  5  3  4  1  0
+  weights            1  1  1  1  1  1  1  0
+  text target        .  .  .  .  x  x  x  .    (text ids and <text_end>)
+  speech target      x  x  x  x  .  .  .  .    (<speech_end> and the units)
+  unit target        x  x  x  .  .  .  .  .    (the K unit ids only)
+  reference class    0  2  1  0  0  0  0  .    (unit index, clamped to 0)
+
+  A packed row holds several sequences; ``segment_ids`` numbers them:
+
+  targets            6  7  5  3  1  8  5  4  1  0
+  weights            1  1  1  1  1  1  1  1  1  0
+  segment_ids        1  1  1  1  1  2  2  2  2  0    -> 2 sequences
+
+Objectives (N_text, N_speech, N_unit count target tokens with weight > 0;
+each per-token term is multiplied by its weight)::
+
+  ce_text   = sum_{text targets}   w * (-log p(y)) / max(N_text, 1)
+  ce_speech = sum_{speech targets} w * (-log p(y)) / max(N_speech, 1)
+  loss_masking  = ce_text
+  multimodal_ce = ce_text + ce_speech
+  sld           = ce_text + ce_speech + alpha * kl_speech
+
+``p`` is the softmax over the real vocabulary ``[0, real_size)``: rounding
+ids never enter any softmax (they are sliced off by static layout info, which
+is the same as adding -inf to their logits) and get zero gradient.
+
+The KL uses the speech slice: the K unit ids ``[speech_offset, real_size)``;
+``p_T = softmax(logits[slice] / T)``, renormalised over the units only
+(``<speech_end>`` is not in the slice, as in the released code). Both KL
+targets put one value ``a`` on the true unit ``y`` and one value ``b`` on the
+other ``K - 1`` units, so with ``S = sum_k log p_T(k)`` (no one-hot needed)::
+
+  KL(target || p_T) = a log a + (K-1) b log b  -  (a - b) log p_T(y)  -  b S
+
+``kl_target="paper"`` (the paper's formula), at unit targets only::
+
+  a = 1 - eps + eps/K,  b = eps/K                       (q' = smoothed one-hot)
+  kl_speech = T^2 * sum_{unit targets} w * KL / max(N_unit, 1)
+
+``kl_target="reference"`` (what the released PyTorch code computes), at every
+real target position; non-unit targets use unit class 0::
+
+  target = softmax(q' / T):  a = 1 / (1 + (K-1) e^{-d}),  b = a e^{-d},
+                             d = (1 - eps) / T
+  kl_speech = T^2 * sum_{real targets} w * KL / max(num_sequences, 1)
+
+For K=6000, eps=0.1, T=1 the reference target has a = 4.10e-4, b = 1.67e-4:
+nearly uniform, so it acts as heavy uniform label smoothing on the speech
+slice. ``num_sequences`` is the number of rows with any weight (unpacked) or
+the number of distinct non-zero segment ids with any weight, summed over rows
+(packed): KLDivLoss(reduction="batchmean") divides by the batch size.
+
+All loss math runs in float32 (or float64 if the logits are float64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sld_jax.vocab import VocabLayout
+
+METHODS = ("loss_masking", "multimodal_ce", "sld")
+KL_TARGETS = ("paper", "reference")
+
+
+# ----------------------------------------------------------------------------
+# Configuration and validation.
+# ----------------------------------------------------------------------------
+
+
+def _check_hyperparameters(method: str, alpha: float, epsilon: float,
+                           temperature: float, kl_target: str,
+                           where: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"{where}: unknown method {method!r}; choose one of {METHODS}")
+  if kl_target not in KL_TARGETS:
+    raise ValueError(
+        f"{where}: unknown kl_target {kl_target!r}; choose one of {KL_TARGETS}")
+  for name, value in (("alpha", alpha), ("epsilon", epsilon),
+                      ("temperature", temperature)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
+                                                         np.integer)):
+      raise ValueError(
+          f"{where}: {name} must be a Python number (it is a static "
+          f"hyper-parameter), got {type(value).__name__}")
+    if not math.isfinite(value):
+      raise ValueError(f"{where}: {name} must be finite, got {value}")
+  if alpha < 0:
+    raise ValueError(f"{where}: alpha must be >= 0, got {alpha}")
+  if not 0.0 <= epsilon <= 1.0:
+    raise ValueError(f"{where}: epsilon must be in [0, 1], got {epsilon}")
+  if temperature <= 0:
+    raise ValueError(f"{where}: temperature must be > 0, got {temperature}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The objective and its knobs; hashable, so it can be a static jit arg.
+
+  Attributes:
+    method: "loss_masking", "multimodal_ce" or "sld".
+    alpha: weight of the KL term (SLD only).
+    epsilon: label smoothing of q' over the K units.
+    temperature: distillation temperature T (the KL is multiplied by T^2).
+    kl_target: "paper" (KL(q' || p_T) per unit token) or "reference" (the
+      released code: softmax(q'/T) target, all positions, per sequence).
+  """
+
+  method: str = "sld"
+  alpha: float = 0.008
+  epsilon: float = 0.1
+  temperature: float = 1.0
+  kl_target: str = "paper"
+
+  def __post_init__(self):
+    _check_hyperparameters(self.method, self.alpha, self.epsilon,
+                           self.temperature, self.kl_target, "LossConfig")
+
+
+def check_target_ids(targets, layout: VocabLayout, name: str = "targets") -> None:
+  """Host-side check that every id is a real vocabulary id.
+
+  Raises ValueError naming the first offending id and its position when an id
+  is negative or ``>= layout.real_size`` (rounding ids included).
+  """
+  ids = np.asarray(targets)
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{name}: vocabulary ids must be integers, got dtype {ids.dtype}")
+  bad = (ids < 0) | (ids >= layout.real_size)
+  if np.any(bad):
+    position = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{name}: vocabulary ids out of range: id {int(ids[position])} at "
+        f"position {position} is outside [0, {layout.real_size}) "
+        f"(text_size={layout.text_size}, speech_size={layout.speech_size}; "
+        f"ids in [{layout.real_size}, {layout.size}) are rounding ids)")
+
+
+def _check_shapes(logits, targets, weights, segment_ids, layout) -> None:
+  if not isinstance(layout, VocabLayout):
+    raise ValueError(
+        f"compute_loss: layout must be a VocabLayout, got {type(layout).__name__}")
+  if logits.ndim != 3:
+    raise ValueError(
+        f"compute_loss: logits must have rank 3 [B, L, V], got shape {logits.shape}")
+  batch_length = tuple(logits.shape[:2])
+  arrays = (("targets", targets), ("weights", weights), ("segment_ids", segment_ids))
+  for name, array in arrays:
+    if array is not None and tuple(array.shape) != batch_length:
+      raise ValueError(
+          f"compute_loss: {name} has shape {tuple(array.shape)}, expected "
+          f"[B, L] = {batch_length} to match logits {tuple(logits.shape)}")
+  if logits.shape[-1] != layout.size:
+    raise ValueError(
+        f"compute_loss: logits has {logits.shape[-1]} classes (shape "
+        f"{tuple(logits.shape)}), expected V = layout.size = {layout.size}")
+
+
+# ----------------------------------------------------------------------------
+# Closed-form two-valued targets.
+# ----------------------------------------------------------------------------
+
+
+def _xlogx(x: float) -> float:
+  return x * math.log(x) if x > 0 else 0.0
+
+
+def paper_target_probs(num_units: int, epsilon: float) -> tuple[float, float]:
+  """q' = (1 - eps) * onehot + eps / K, as (value on y, value elsewhere)."""
+  other = epsilon / num_units
+  return 1.0 - epsilon + other, other
+
+
+def reference_target_probs(num_units: int, epsilon: float,
+                           temperature: float) -> tuple[float, float]:
+  """softmax(q' / T) as used by the released code: (value on y, elsewhere).
+
+  >>> a, b = reference_target_probs(6000, 0.1, 1.0)   # a ~ 4.10e-4, b ~ 1.67e-4
+  """
+  gap = math.exp(-(1.0 - epsilon) / temperature)
+  true = 1.0 / (1.0 + (num_units - 1) * gap)
+  return true, true * gap
+
+
+def _two_valued_neg_entropy(num_units: int, p_true: float, p_other: float) -> float:
+  """sum_k t_k log t_k for a target with p_true on y and p_other elsewhere."""
+  return _xlogx(p_true) + (num_units - 1) * _xlogx(p_other)
+
+
+def _two_valued_kl(log_p_true, sum_log_p, num_units, p_true, p_other):
+  """KL(t || p) per position from log p(y) and sum_k log p(k); see module doc."""
+  neg_entropy = _two_valued_neg_entropy(num_units, p_true, p_other)
+  return neg_entropy - (p_true - p_other) * log_p_true - p_other * sum_log_p
+
+
+def _count_sequences(has_weight, segment_ids):
+  """Rows (or distinct non-zero segment ids per row) with any weight > 0.
+
+  segment_ids [[1 1 1 2 2 0], [1 1 1 1 1 1]], all weighted  ->  2 + 1 = 3.
+  """
+  if segment_ids is None:
+    segment_ids = jnp.ones(has_weight.shape, jnp.int32)
+  segments = jnp.sort(jnp.where(has_weight, segment_ids, 0), axis=-1)
+  previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)))
+  return jnp.sum((segments != 0) & (segments != previous))
+
+
+def _masked_mean(values, weights, mask, count):
+  return jnp.sum(jnp.where(mask, weights * values, 0.0)) / jnp.maximum(count, 1)
+
+
+# ----------------------------------------------------------------------------
+# The loss.
+# ----------------------------------------------------------------------------
+
+
+def compute_loss(logits, targets, weights, segment_ids=None, *,
+                 layout: VocabLayout, method: str = "sld", alpha: float = 0.008,
+                 epsilon: float = 0.1, temperature: float = 1.0,
+                 kl_target: str = "paper") -> tuple[jax.Array, dict[str, Any]]:
+  """Loss of one batch for the chosen objective; pure and jit-able.
+
+  Hyper-parameters and ``layout`` are static (Python values): jit with
+  ``static_argnames=("layout", "method", "alpha", "epsilon", "temperature",
+  "kl_target")`` or close over them. See the module docstring for the masks
+  and the formulas.
+
+  Args:
+    logits: [B, L, V] next-token logits, V == layout.size; any float dtype.
+    targets: [B, L] int ids, ``logits[:, i]`` predicts ``targets[:, i]``.
+    weights: [B, L] ``decoder_loss_weights``; tokens with weight 0 (padding)
+      contribute nothing, others contribute ``weight * term``.
+    segment_ids: [B, L] ``decoder_segment_ids`` of packed rows (0 = padding),
+      or None for unpacked rows. Only used to count sequences.
+    layout: the vocabulary layout.
+    method: "loss_masking", "multimodal_ce" or "sld".
+    alpha: KL weight (SLD).
+    epsilon: label smoothing of the KL target, in [0, 1].
+    temperature: T > 0; the KL is multiplied by T^2.
+    kl_target: "paper" or "reference".
+
+  Returns:
+    (loss, aux): scalar float32 loss and a dict of scalars: ``loss``,
+    ``ce_text``, ``ce_speech``, ``kl_speech`` (0 unless method == "sld"),
+    ``num_text_tokens``, ``num_speech_tokens``, ``num_unit_tokens``,
+    ``num_sequences`` (int32 counts), ``accuracy_text``, ``accuracy_speech``
+    (argmax over the real vocabulary).
+  """
+  _check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
+                         "compute_loss")
+  _check_shapes(logits, targets, weights, segment_ids, layout)
+
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  offset, num_units = layout.speech_offset, layout.speech_size
+  # Static slice to the real vocabulary: rounding ids leave every softmax.
+  real_logits = logits[..., :layout.real_size].astype(dtype)
+  unit_logits = real_logits[..., offset:]                          # [B, L, K]
+  # One pass over the vocabulary, split so the unit part can serve the KL.
+  lse_units = jax.nn.logsumexp(unit_logits, axis=-1)              # [B, L]
+  lse = jnp.logaddexp(jax.nn.logsumexp(real_logits[..., :offset], axis=-1),
+                      lse_units)
+
+  safe_targets = jnp.clip(targets, 0, layout.real_size - 1).astype(jnp.int32)
+  target_logit = jnp.take_along_axis(
+      real_logits, safe_targets[..., None], axis=-1)[..., 0]      # [B, L]
+  nll = lse - target_logit
+
+  weights = weights.astype(dtype)
+  has_weight = weights > 0
+  text_mask = has_weight & layout.is_text(targets)
+  speech_mask = has_weight & layout.is_speech(targets)
+  unit_mask = has_weight & layout.is_unit(targets)
+  num_text = jnp.sum(text_mask)
+  num_speech = jnp.sum(speech_mask)
+  num_units_tokens = jnp.sum(unit_mask)
+  num_sequences = _count_sequences(has_weight, segment_ids)
+
+  ce_text = _masked_mean(nll, weights, text_mask, num_text)
+  ce_speech = _masked_mean(nll, weights, speech_mask, num_speech)
+
+  if method == "sld":
+    t = float(temperature)
+    scaled_lse = lse_units if t == 1.0 else jax.nn.logsumexp(unit_logits / t, axis=-1)
+    sum_log_p = jnp.sum(unit_logits, axis=-1) / t - num_units * scaled_lse
+    # Unit targets read their own logit; others use unit class 0 (reference).
+    class_logit = jnp.where(unit_mask, target_logit, real_logits[..., offset])
+    log_p_class = class_logit / t - scaled_lse
+    if kl_target == "paper":
+      p_true, p_other = paper_target_probs(num_units, epsilon)
+      kl_mask, denominator = unit_mask, num_units_tokens
+    else:
+      p_true, p_other = reference_target_probs(num_units, epsilon, t)
+      kl_mask, denominator = text_mask | speech_mask, num_sequences
+    kl = _two_valued_kl(log_p_class, sum_log_p, num_units, p_true, p_other)
+    kl_speech = t * t * _masked_mean(kl, weights, kl_mask, denominator)
+  else:
+    kl_speech = jnp.zeros((), dtype)
+
+  if method == "loss_masking":
+    loss = ce_text
+  elif method == "multimodal_ce":
+    loss = ce_text + ce_speech
+  else:
+    loss = ce_text + ce_speech + alpha * kl_speech
+
+  correct = jax.lax.stop_gradient(
+      jnp.argmax(real_logits, axis=-1) == targets).astype(dtype)
+  aux = {
+      "loss": loss,
+      "ce_text": ce_text,
+      "ce_speech": ce_speech,
+      "kl_speech": kl_speech,
+      "num_text_tokens": num_text,
+      "num_speech_tokens": num_speech,
+      "num_unit_tokens": num_units_tokens,
+      "num_sequences": num_sequences,
+      "accuracy_text": _masked_mean(correct, 1.0, text_mask, num_text),
+      "accuracy_speech": _masked_mean(correct, 1.0, speech_mask, num_speech),
+  }
+  return loss, aux
+
+
+def compute_loss_from_config(logits, batch_targets, weights,
+                             segment_ids: Optional[Any], layout: VocabLayout,
+                             config: LossConfig):
+  """``compute_loss`` with the knobs taken from a ``LossConfig``."""
+  if not isinstance(config, LossConfig):
+    raise ValueError(
+        f"compute_loss_from_config: config must be a LossConfig, got "
+        f"{type(config).__name__}")
+  return compute_loss(
+      logits, batch_targets, weights, segment_ids, layout=layout,
+      method=config.method, alpha=config.alpha, epsilon=config.epsilon,
+      temperature=config.temperature, kl_target=config.kl_target)

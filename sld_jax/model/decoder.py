@@ -1,0 +1,364 @@
+"""Decoder-only Transformer (GPT-2 family by default) and KV-cache decoding.
+
+``Decoder(config)`` consumes seqio decoder features and returns float32
+logits ``[B, L, V]``. With the defaults it is GPT-2: learned absolute
+positions, pre-LayerNorm blocks, ``gelu_new`` MLP, final LayerNorm, tied
+input/output embedding, dropout on embeddings, attention probabilities and
+residual branches. ``config.position='rope'``, ``norm='rmsnorm'``,
+``mlp='swiglu'`` switch to the LLaMA-style parts.
+
+Parameter tree (plain stack; with ``scan_layers`` the ``layers_i`` subtrees
+become one ``layers`` subtree with a leading ``[num_layers]`` axis named
+'layers')::
+
+  token_embedder/embedding          [V, E]        ('vocab', 'embed')       wte
+  position_embedder/embedding       [max_len, E]  ('abspos', 'embed')      wpe
+  layers_i/pre_attention_norm/...   [E]           ('embed',)               ln_1
+  layers_i/attention/{query,key,value}/kernel [E, H, D], bias [H, D]       c_attn
+  layers_i/attention/out/kernel     [H, D, E], bias [E]                    attn.c_proj
+  layers_i/pre_mlp_norm/...         [E]                                    ln_2
+  layers_i/mlp/wi/kernel [E, M] + bias, mlp/wo/kernel [M, E] + bias        mlp.c_fc/c_proj
+  final_norm/{scale,bias}           [E]                                    ln_f
+  logits_dense/kernel               [E, V]   only if not tie_embeddings
+
+The output projection runs in ``config.logits_via_embedding_dtype`` (None:
+float32) and the logits are always returned in float32.
+
+Packed rows: for the seqio features of one packed row::
+
+  decoder_input_tokens = [[ 7,  8,  9, 12, 13,  0]]
+  decoder_segment_ids  = [[ 1,  1,  1,  2,  2,  0]]
+  decoder_positions    = [[ 0,  1,  2,  0,  1,  0]]
+
+the logits at positions 0-2 equal those of ``[[7, 8, 9]]`` alone and those
+at 3-4 equal those of ``[[12, 13]]`` alone (see ``masks.py``).
+
+KV-cache decoding (pure, jit-friendly functions below): right-padded prompts
+of different lengths need no left-padding because the cache keeps a per-row
+``cache_index``::
+
+  cache  = init_cache(config, batch_size=2, max_length=8)
+  prompt = [[5, 6, 7], [5, 0, 0]]; lengths = [3, 1]
+  logits, cache = prefill(config, params, cache, prompt, lengths)
+  next_token = argmax(last_logits(logits, lengths))   # logits at [2] and [0]
+  # cache_index == [3, 1]
+  step_logits, cache = decode_step(config, params, cache, next_token)
+  # row 0 wrote slot 3 (position 3), row 1 slot 1; cache_index == [4, 2]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sld_jax.model import attention
+from sld_jax.model import layers
+from sld_jax.model import masks
+from sld_jax.model.config import DecoderConfig
+
+Array = jnp.ndarray
+Params = Any
+Cache = Any
+
+LOGITS_AXES = ("batch", "length", "vocab")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  Returns ``(x, None)`` so that it can be the body of ``nn.scan``.
+  """
+
+  config: DecoderConfig
+  mode: str = "full"
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, positions, cache_index, prefill_lengths):
+    cfg = self.config
+    x = nn.with_logical_constraint(x, layers.EMBED_ACTIVATION_AXES)
+    h = layers.make_norm(cfg, "pre_attention_norm")(x)
+    h = attention.SelfAttention(cfg, mode=self.mode, deterministic=self.deterministic,
+                                name="attention")(h, mask, positions, cache_index, prefill_lengths)
+    x = x + h
+    h = layers.make_norm(cfg, "pre_mlp_norm")(x)
+    h = layers.Mlp(cfg, deterministic=self.deterministic, name="mlp")(h)
+    x = nn.with_logical_constraint(x + h, layers.EMBED_ACTIVATION_AXES)
+    return x, None
+
+
+class Decoder(nn.Module):
+  """Decoder-only Transformer over seqio decoder features (module docstring)."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self,
+               decoder_input_tokens: Array,
+               decoder_positions: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               *,
+               enable_dropout: bool = False,
+               decode: bool = False,
+               prefill: bool = False,
+               prefill_lengths: Optional[Array] = None) -> Array:
+    """Returns float32 logits ``[B, L, V]``.
+
+    Args:
+      decoder_input_tokens: int ``[B, L]``.
+      decoder_positions: int ``[B, L]``, restarting at 0 per packed segment;
+        ``arange(L)`` when None. Ignored in decode mode (the cache index is
+        the position).
+      decoder_segment_ids: int ``[B, L]``, 0 = padding; attention stays
+        within a segment. None: causal attention over the whole row.
+      enable_dropout: apply dropout (needs a ``'dropout'`` rng).
+      decode: one token per row against the ``'cache'`` collection (make it
+        mutable). The first call, inside ``init``, creates a cache whose
+        length is the input length.
+      prefill: run the prompt and write its keys/values to the cache;
+        ``prefill_lengths [B]`` gives the real prompt lengths.
+    """
+    cfg = self.config
+    tokens = decoder_input_tokens
+    if tokens.ndim != 2:
+      raise ValueError(f"decoder_input_tokens must be [batch, length], got shape {tokens.shape}")
+    if decode and prefill:
+      raise ValueError("Decoder: decode and prefill are mutually exclusive")
+    batch, length = tokens.shape
+    for feature, array in (("decoder_positions", decoder_positions),
+                           ("decoder_segment_ids", decoder_segment_ids)):
+      if array is not None and array.shape != tokens.shape:
+        raise ValueError(
+            f"{feature} has shape {array.shape}, decoder_input_tokens has {tokens.shape}")
+    deterministic = not enable_dropout
+
+    # mode tells the attention layers whether to touch the cache. Inside
+    # model.init the cache does not exist yet: it is created (length = input
+    # length) and the layers attend as in "full" mode.
+    mode, cache_index = "full", None
+    if decode or prefill:
+      mode = "decode" if decode else "prefill"
+      cache_ready = self.has_variable("cache", "cache_index")
+      index = self.variable("cache", "cache_index",
+                            nn.with_logical_partitioning(jnp.zeros, ("cache_batch",)),
+                            (batch,), jnp.int32)
+      if cache_ready and index.value.shape != (batch,):
+        raise ValueError(
+            f"Decoder: the cache was built for batch {index.value.shape[0]}, "
+            f"the input has batch {batch}")
+      if cache_ready and decode:
+        cache_index = index.value
+        decoder_positions = cache_index[:, None]
+      elif cache_ready:
+        if prefill_lengths is None:
+          raise ValueError("Decoder: prefill=True needs prefill_lengths [batch]")
+        prefill_lengths = jnp.asarray(prefill_lengths, jnp.int32)
+        index.value = prefill_lengths
+    decoding = cache_index is not None
+
+    if decoder_positions is None:
+      decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    mask = None if decoding else masks.decoder_attention_mask(length, decoder_segment_ids)
+
+    token_embedder = layers.Embed(cfg.vocab_size, cfg.embed_dim, ("vocab", "embed"),
+                                  dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                                  name="token_embedder")
+    x = token_embedder(tokens)
+    if cfg.position == "learned":
+      x = x + layers.Embed(cfg.max_length, cfg.embed_dim, ("abspos", "embed"),
+                           dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                           name="position_embedder")(decoder_positions)
+    x = nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), layers.EMBED_ACTIVATION_AXES)
+
+    x = self._layer_stack(mode, deterministic)(
+        x, mask, decoder_positions, cache_index, prefill_lengths)
+
+    if decoding:
+      index.value = cache_index + 1
+
+    x = layers.make_norm(cfg, "final_norm")(x)
+    logits_dtype = _logits_dtype(cfg)
+    if cfg.tie_embeddings:
+      logits = token_embedder.attend(x, dtype=logits_dtype)
+    else:
+      logits = layers.Projection(in_shape=(cfg.embed_dim,), out_shape=(cfg.vocab_size,),
+                                 kernel_axes=("embed", "vocab"), use_bias=False,
+                                 dtype=logits_dtype, param_dtype=cfg.params_dtype,
+                                 name="logits_dense")(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), LOGITS_AXES)
+
+  def _layer_stack(self, mode: str, deterministic: bool):
+    """A callable ``(x, mask, positions, cache_index, prefill_lengths) -> x``."""
+    cfg = self.config
+    layer_cls = DecoderLayer
+    if cfg.remat:
+      layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,) * 4,
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, mode=mode, deterministic=deterministic, name="layers")
+      return lambda *args: stack(*args)[0]
+
+    stack = [layer_cls(cfg, mode=mode, deterministic=deterministic, name=f"layers_{i}")
+             for i in range(cfg.num_layers)]
+
+    def run(x, *args):
+      for layer in stack:
+        x, _ = layer(x, *args)
+      return x
+    return run
+
+
+def _logits_dtype(config: DecoderConfig):
+  name = config.logits_via_embedding_dtype or "float32"
+  if name not in _DTYPES:
+    raise ValueError(
+        f"DecoderConfig.logits_via_embedding_dtype must be None or one of "
+        f"{tuple(_DTYPES)}, got {name!r}")
+  return _DTYPES[name]
+
+
+def build_model(config: DecoderConfig) -> Decoder:
+  return Decoder(config)
+
+
+def _as_model(config_or_model: Union[DecoderConfig, Decoder]) -> Decoder:
+  if isinstance(config_or_model, Decoder):
+    return config_or_model
+  if isinstance(config_or_model, DecoderConfig):
+    return Decoder(config_or_model)
+  raise TypeError(f"expected a DecoderConfig or Decoder, got {type(config_or_model).__name__}")
+
+
+def init_params(config_or_model: Union[DecoderConfig, Decoder], rng: Array) -> Params:
+  """Fresh parameters, still boxed in ``nn.LogicallyPartitioned``.
+
+  Boxed so that ``partitioning.init_sharded`` can read the logical axes;
+  ``nn.meta.unbox`` gives plain arrays.
+  """
+  return _jitted_init_params(_as_model(config_or_model), rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_init_params(model: Decoder, rng: Array) -> Params:
+  return model.init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def abstract_cache(config_or_model: Union[DecoderConfig, Decoder], batch_size: int,
+                   max_length: int) -> Cache:
+  """Shapes/dtypes of the cache, boxed with its logical axes (for shardings)."""
+  model = _as_model(config_or_model)
+  cfg = model.config
+  if batch_size < 1 or max_length < 1:
+    raise ValueError(
+        f"init_cache: batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
+  if cfg.position == "learned" and max_length > cfg.max_length:
+    raise ValueError(
+        f"init_cache: max_length={max_length} exceeds DecoderConfig.max_length="
+        f"{cfg.max_length}, the number of learned position embeddings")
+  tokens = jax.ShapeDtypeStruct((batch_size, max_length), jnp.int32)
+  variables = jax.eval_shape(
+      lambda t: model.init({"params": jax.random.key(0)}, t, decode=True), tokens)
+  return variables["cache"]
+
+
+def _strip_boxes(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def init_cache(config_or_model: Union[DecoderConfig, Decoder], batch_size: int,
+               max_length: int) -> Cache:
+  """An empty cache: per layer ``cached_key/cached_value [B, max_length, H, D]``
+  (stacked ``[num_layers, ...]`` under ``scan_layers``) and ``cache_index [B]``,
+  all zeros. Jit it with ``out_shardings`` from ``abstract_cache`` to place it
+  sharded."""
+  shapes = _strip_boxes(abstract_cache(config_or_model, batch_size, max_length))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _check_concrete_lengths(lengths: Array, prompt_length: int, where: str) -> None:
+  if isinstance(lengths, jax.core.Tracer):
+    return
+  values = np.asarray(lengths)
+  if values.size and (values.min() < 1 or values.max() > prompt_length):
+    raise ValueError(
+        f"{where}: lengths must lie in [1, {prompt_length}], got {values.tolist()}")
+
+
+def prefill(config_or_model: Union[DecoderConfig, Decoder], params: Params, cache: Cache,
+            prompt_tokens: Array, prompt_lengths: Array) -> tuple[Array, Cache]:
+  """Runs right-padded prompts ``[B, P]`` once and fills the cache.
+
+  Keys/values of positions ``< prompt_lengths[b]`` go to slots ``[0, P)`` (the
+  rest are zeroed and never attended) and ``cache_index`` becomes
+  ``prompt_lengths``. Returns the full logits ``[B, P, V]``; the next-token
+  logits are ``last_logits(logits, prompt_lengths)``.
+  """
+  model = _as_model(config_or_model)
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  if prompt_tokens.ndim != 2:
+    raise ValueError(f"prefill: prompt_tokens must be [batch, length], got {prompt_tokens.shape}")
+  _check_concrete_lengths(prompt_lengths, prompt_tokens.shape[1], "prefill")
+  logits, updated = model.apply({"params": params, "cache": cache}, prompt_tokens,
+                                prefill=True, prefill_lengths=jnp.asarray(prompt_lengths),
+                                mutable=["cache"])
+  return logits, updated["cache"]
+
+
+def decode_step(config_or_model: Union[DecoderConfig, Decoder], params: Params, cache: Cache,
+                tokens: Array) -> tuple[Array, Cache]:
+  """Feeds one token per row (``tokens [B]``) at position ``cache_index[b]``.
+
+  Returns the next-token logits ``[B, V]`` and the cache with the token's
+  keys/values written and ``cache_index`` incremented. Rows whose cache is
+  full get NaN logits.
+  """
+  model = _as_model(config_or_model)
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 1:
+    raise ValueError(f"decode_step: tokens must be [batch], got shape {tokens.shape}")
+  logits, updated = model.apply({"params": params, "cache": cache}, tokens[:, None],
+                                decode=True, mutable=["cache"])
+  return logits[:, 0], updated["cache"]
+
+
+def last_logits(logits: Array, lengths: Array) -> Array:
+  """``logits [B, L, V]`` at position ``lengths[b] - 1`` of each row: ``[B, V]``."""
+  _check_concrete_lengths(lengths, logits.shape[1], "last_logits")
+  index = jnp.maximum(jnp.asarray(lengths, jnp.int32) - 1, 0)
+  return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
+
+
+def stack_layer_params(params: Params, num_layers: int) -> Params:
+  """Plain-stack params (``layers_0..layers_{n-1}``) -> scanned (``layers``)."""
+  params = dict(params)
+  missing = [f"layers_{i}" for i in range(num_layers) if f"layers_{i}" not in params]
+  if missing:
+    raise ValueError(f"stack_layer_params: params lack {missing}")
+  per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return params
+
+
+def unstack_layer_params(params: Params, num_layers: int) -> Params:
+  """Scanned params (``layers`` with a leading layer axis) -> plain stack."""
+  params = dict(params)
+  if "layers" not in params:
+    raise ValueError("unstack_layer_params: params lack 'layers'")
+  stacked = params.pop("layers")
+  for i in range(num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params

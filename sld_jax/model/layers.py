@@ -1,0 +1,223 @@
+"""Building blocks of the decoder: projections, norms, embeddings, RoPE, MLP.
+
+Every parameter is created through ``nn.with_logical_partitioning`` so that
+``sld_jax.partitioning`` can derive shardings from an abstract init. Shapes
+follow Hugging Face GPT-2 one to one (``wte [V, E]``, ``wpe [max_length, E]``,
+``c_fc [E, M]``, ``c_proj [M, E]``, ``ln_*`` scale and bias ``[E]``); the
+attention projections are in ``attention.py``.
+
+dtype policy: parameters are stored in ``config.params_dtype``; matmuls run
+in ``config.compute_dtype``; norms and RoPE compute in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sld_jax.model.config import DecoderConfig
+
+Array = jnp.ndarray
+Dtype = Any
+
+# GPT-2's initializer_range.
+INIT_STDDEV = 0.02
+
+EMBED_ACTIVATION_AXES = ("batch", "length", "embed")
+MLP_ACTIVATION_AXES = ("batch", "length", "mlp")
+
+
+def normal_init(stddev: float) -> Callable[..., Array]:
+  return nn.initializers.normal(stddev=stddev)
+
+
+def residual_init_stddev(config: DecoderConfig) -> float:
+  """GPT-2 scales projections into the residual stream by 1/sqrt(2 layers)."""
+  return INIT_STDDEV / math.sqrt(2 * config.num_layers)
+
+
+class Projection(nn.Module):
+  """``y = x @ kernel + bias`` over the trailing ``len(in_shape)`` axes of x.
+
+  The kernel is ``in_shape + out_shape`` with ``kernel_axes`` naming every
+  axis; the bias is ``out_shape`` named by the trailing kernel axes. For the
+  query projection ``in_shape=(E,)``, ``out_shape=(H, D)``,
+  ``kernel_axes=('embed', 'heads', 'kv')``: kernel ``[E, H, D]``, bias
+  ``[H, D]`` with axes ``('heads', 'kv')``, and ``x [B, L, E] -> y [B, L, H, D]``.
+  """
+
+  in_shape: Sequence[int]
+  out_shape: Sequence[int]
+  kernel_axes: Sequence[str]
+  use_bias: bool = True
+  init_stddev: float = INIT_STDDEV
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape, out_shape = tuple(self.in_shape), tuple(self.out_shape)
+    if len(self.kernel_axes) != len(in_shape) + len(out_shape):
+      raise ValueError(
+          f"{self.name}: kernel_axes {self.kernel_axes} must name "
+          f"{len(in_shape) + len(out_shape)} axes of kernel {in_shape + out_shape}")
+    if x.shape[x.ndim - len(in_shape):] != in_shape:
+      raise ValueError(
+          f"{self.name}: input trailing shape {x.shape} does not match {in_shape}")
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(normal_init(self.init_stddev), tuple(self.kernel_axes)),
+        in_shape + out_shape, self.param_dtype)
+    letters = string.ascii_letters
+    batch = letters[:x.ndim - len(in_shape)]
+    contracted = letters[len(batch):len(batch) + len(in_shape)]
+    produced = letters[len(batch) + len(in_shape):][:len(out_shape)]
+    equation = f"{batch}{contracted},{contracted}{produced}->{batch}{produced}"
+    y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param(
+          "bias",
+          nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                       tuple(self.kernel_axes[len(in_shape):])),
+          out_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def _embed_vector(module: nn.Module, name: str, init: Callable[..., Array],
+                  features: int) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, ("embed",)), (features,),
+                      module.param_dtype)
+
+
+class LayerNorm(nn.Module):
+  """GPT-2 LayerNorm over the last axis: scale and bias ``[E]`` ('embed',)."""
+
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _embed_vector(self, "scale", nn.initializers.ones_init(), x.shape[-1])
+    bias = _embed_vector(self, "bias", nn.initializers.zeros_init(), x.shape[-1])
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm (LLaMA style): scale ``[E]`` ('embed',), no bias."""
+
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _embed_vector(self, "scale", nn.initializers.ones_init(), x.shape[-1])
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(config: DecoderConfig, name: str) -> nn.Module:
+  cls = LayerNorm if config.norm == "layernorm" else RMSNorm
+  return cls(epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype,
+             param_dtype=config.params_dtype, name=name)
+
+
+class Embed(nn.Module):
+  """A table ``[num_embeddings, features]`` looked up by integer ids.
+
+  Out-of-range ids give NaN rows (``jnp.take``'s fill mode) rather than being
+  clamped silently, so a bad id shows up as NaN logits.
+  """
+
+  num_embeddings: int
+  features: int
+  axes: tuple[str, str] = ("vocab", "embed")
+  init_stddev: float = INIT_STDDEV
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(normal_init(self.init_stddev), self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"{self.name}: ids must be integers, got {ids.dtype}")
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array, dtype: Dtype = jnp.float32) -> Array:
+    """Tied output projection: ``x [..., E] @ embedding.T -> [..., V]`` in ``dtype``."""
+    return jnp.einsum("...e,ve->...v", x.astype(dtype), self.embedding.astype(dtype))
+
+
+def apply_rope(x: Array, positions: Array, max_wavelength: float) -> Array:
+  """Rotary position embedding (rotate-half layout, as in LLaMA / MaxText).
+
+  Args:
+    x: ``[batch, length, heads, head_dim]`` queries or keys; head_dim even.
+    positions: ``[batch, length]`` integer positions (restart per segment).
+    max_wavelength: base of the geometric frequency ladder.
+
+  Channel pair ``(i, i + head_dim/2)`` is rotated by angle
+  ``position / max_wavelength ** (2i / head_dim)``; computed in float32.
+  """
+  head_dim = x.shape[-1]
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+  half = head_dim // 2
+  timescale = max_wavelength ** (2.0 * jnp.arange(half, dtype=jnp.float32) / head_dim)
+  angle = positions.astype(jnp.float32)[:, :, None, None] / timescale  # [B, L, 1, half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x32 = x.astype(jnp.float32)
+  first, second = x32[..., :half], x32[..., half:]
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """Feed-forward block: GPT-2 ``gelu_new`` with biases, or bias-free SwiGLU.
+
+  gelu:   ``wo(gelu_tanh(wi(x)))``, wi ``[E, M]`` ('embed', 'mlp') + bias
+          ``[M]``, wo ``[M, E]`` ('mlp', 'embed') + bias ``[E]``.
+  swiglu: ``wo(silu(wi_gate(x)) * wi_up(x))``, no biases.
+  """
+
+  config: DecoderConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    use_bias = cfg.mlp == "gelu"
+
+    def projection(in_dim, out_dim, axes, name, stddev=INIT_STDDEV):
+      return Projection(in_shape=(in_dim,), out_shape=(out_dim,), kernel_axes=axes,
+                        use_bias=use_bias, init_stddev=stddev, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.params_dtype, name=name)
+
+    if cfg.mlp == "gelu":
+      hidden = nn.gelu(projection(cfg.embed_dim, cfg.mlp_dim, ("embed", "mlp"), "wi")(x),
+                       approximate=True)
+    else:
+      gate = projection(cfg.embed_dim, cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
+      up = projection(cfg.embed_dim, cfg.mlp_dim, ("embed", "mlp"), "wi_up")(x)
+      hidden = nn.silu(gate) * up
+    hidden = nn.with_logical_constraint(hidden, MLP_ACTIVATION_AXES)
+    out = projection(cfg.mlp_dim, cfg.embed_dim, ("mlp", "embed"), "wo",
+                     residual_init_stddev(cfg))(hidden)
+    out = nn.Dropout(rate=cfg.dropout_rate)(out, deterministic=self.deterministic)
+    return nn.with_logical_constraint(out, EMBED_ACTIVATION_AXES)

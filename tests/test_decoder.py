@@ -1,0 +1,247 @@
+"""Decoder: packing, KV-cache decoding, remat/scan equivalence, dtypes."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sld_jax.model import decoder
+from sld_jax.model import masks
+from sld_jax.model.config import DecoderConfig
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = DecoderConfig(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
+                     max_length=32, dropout_rate=0.1)
+LLAMA_LIKE = TINY.replace(position="rope", norm="rmsnorm", mlp="swiglu")
+VARIANTS = {"gpt2": TINY, "llama_like": LLAMA_LIKE, "untied": TINY.replace(tie_embeddings=False)}
+
+
+def _strip(boxed):
+  return jax.tree.map(lambda box: box.value, boxed,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+@functools.lru_cache(maxsize=None)
+def _params(config, seed=0):
+  """Random parameters of the real structure, drawn in numpy.
+
+  Cheaper than compiling ``init_params`` for every config (the partitioning
+  tests run the real init) and, unlike it, non-zero biases and non-unit norm
+  scales, so that a misplaced bias or norm cannot hide.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = _strip(jax.eval_shape(functools.partial(decoder.init_params, config),
+                                 jax.random.key(0)))
+
+  def draw(path, shape):
+    name = jax.tree_util.keystr(path[-1:])
+    center = 1.0 if "scale" in name else 0.0
+    return jnp.asarray(center + 0.1 * rng.standard_normal(shape.shape), shape.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(config, params, tokens, positions, segment_ids):
+  return decoder.Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def _forward(config, params, tokens, positions=None, segment_ids=None):
+  return _apply(config, params, jnp.asarray(tokens),
+                None if positions is None else jnp.asarray(positions),
+                None if segment_ids is None else jnp.asarray(segment_ids))
+
+
+def _random_tokens(seed, shape):
+  return np.random.default_rng(seed).integers(3, 128, size=shape).astype(np.int32)
+
+
+# One [2, 10] batch shared by several tests so that their jits are compiled once.
+TOKENS = _random_tokens(5, (2, 10))
+
+
+def test_masks_match_docstring_examples():
+  mask = masks.decoder_attention_mask(6, jnp.array([[1, 1, 1, 2, 2, 0]]))[0, 0]
+  expected = np.array([[1, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0],
+                       [1, 1, 1, 0, 0, 0],
+                       [0, 0, 0, 1, 0, 0],
+                       [0, 0, 0, 1, 1, 0],
+                       [0, 0, 0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(mask, expected)
+  np.testing.assert_array_equal(
+      masks.decode_step_mask(jnp.array([2, 0]), 4)[:, 0, 0],
+      [[1, 1, 1, 0], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(masks.prompt_mask(jnp.array([2, 0]), 3), [[1, 1, 0], [0, 0, 0]])
+
+
+def test_gpt2_parameter_shapes_and_logical_axes():
+  boxed = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
+  axes = jax.tree.map(lambda box: (box.value.shape, box.names), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  layer = axes["layers_0"]
+  assert axes["token_embedder"]["embedding"] == ((128, 32), ("vocab", "embed"))
+  assert axes["position_embedder"]["embedding"] == ((32, 32), ("abspos", "embed"))
+  assert layer["attention"]["query"]["kernel"] == ((32, 4, 8), ("embed", "heads", "kv"))
+  assert layer["attention"]["value"]["bias"] == ((4, 8), ("heads", "kv"))
+  assert layer["attention"]["out"]["kernel"] == ((4, 8, 32), ("heads", "kv", "embed"))
+  assert layer["mlp"]["wi"]["kernel"] == ((32, 64), ("embed", "mlp"))
+  assert layer["mlp"]["wo"]["kernel"] == ((64, 32), ("mlp", "embed"))
+  assert layer["pre_attention_norm"]["bias"] == ((32,), ("embed",))
+  assert axes["final_norm"]["scale"] == ((32,), ("embed",))
+  assert "logits_dense" not in axes and "layers_2" not in axes
+  llama = _strip(jax.eval_shape(functools.partial(decoder.init_params, LLAMA_LIKE),
+                                jax.random.key(0)))
+  untied = _strip(jax.eval_shape(functools.partial(decoder.init_params, VARIANTS["untied"]),
+                                 jax.random.key(0)))
+  assert untied["logits_dense"]["kernel"].shape == (32, 128)
+  assert "position_embedder" not in llama
+  assert set(llama["layers_0"]["mlp"]) == {"wi_gate", "wi_up", "wo"}
+  assert "bias" not in llama["layers_0"]["mlp"]["wo"] and "bias" not in llama["final_norm"]
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama_like"])
+def test_packed_row_equals_sequences_alone(variant):
+  config = VARIANTS[variant]
+  params = _params(config)
+  first, second = _random_tokens(1, (5,)), _random_tokens(2, (7,))
+  packed = np.zeros((1, 14), np.int32)
+  packed[0, :5], packed[0, 5:12] = first, second
+  segments = np.array([[1] * 5 + [2] * 7 + [0] * 2])
+  positions = np.array([list(range(5)) + list(range(7)) + [0, 0]])
+  alone = np.zeros((2, 7), np.int32)  # right padding is invisible to causal attention
+  alone[0, :5], alone[1] = first, second
+
+  logits = _forward(config, params, packed, positions, segments)
+  alone_logits = _forward(config, params, alone)
+
+  assert logits.shape == (1, 14, 128) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits[0, :5], alone_logits[0, :5], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits[0, 5:12], alone_logits[1], atol=1e-5, rtol=1e-5)
+  assert np.all(np.isfinite(logits))  # padding rows attend to nothing, stay finite
+
+
+_prefill = jax.jit(decoder.prefill, static_argnums=0)
+_decode_step = jax.jit(decoder.decode_step, static_argnums=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama_like_scan_remat"])
+def test_kv_cache_decoding_matches_full_forward(variant):
+  config = {"gpt2": TINY,
+            "llama_like_scan_remat": LLAMA_LIKE.replace(scan_layers=True, remat=True)}[variant]
+  params = _params(config)
+  if config.scan_layers:
+    params = decoder.stack_layer_params(_params(config.replace(scan_layers=False)),
+                                        config.num_layers)
+  lengths = np.array([3, 6, 1], np.int32)
+  prompts = _random_tokens(3, (3, 6))  # garbage past each length: must never be attended
+  steps = _random_tokens(4, (4, 3))    # tokens fed at decode steps 0..3
+  max_length = 6 + len(steps)          # row 1 fills the cache exactly
+
+  cache = decoder.init_cache(config, batch_size=3, max_length=max_length)
+  logits, cache = _prefill(config, params, cache, prompts, lengths)
+  np.testing.assert_array_equal(cache["cache_index"], lengths)
+  predicted = [decoder.last_logits(logits, lengths)]
+  for tokens in steps:
+    step_logits, cache = _decode_step(config, params, cache, tokens)
+    predicted.append(step_logits)
+  np.testing.assert_array_equal(cache["cache_index"], lengths + len(steps))
+
+  # Reference: each row's prompt + fed tokens, run in full.
+  full = np.zeros((3, max_length), np.int32)
+  for row, length in enumerate(lengths):
+    full[row, :length] = prompts[row, :length]
+    full[row, length:length + len(steps)] = steps[:, row]
+  reference = _forward(config, params, full)
+  for t, got in enumerate(predicted):
+    want = reference[np.arange(3), lengths - 1 + t]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"step {t}")
+
+  # Row 1's cache is full: one more step gives it NaN logits, the others go on.
+  overflow_logits, _ = _decode_step(config, params, cache, steps[0])
+  assert np.all(np.isnan(overflow_logits[1]))
+  assert np.all(np.isfinite(overflow_logits[np.array([0, 2])]))
+
+
+def test_bad_cache_and_feature_shapes_raise():
+  params = _params(TINY)
+  prompts, lengths = np.full((2, 4), 5, np.int32), np.array([4, 2], np.int32)
+  with pytest.raises(ValueError, match="exceeds the cache length"):
+    decoder.prefill(TINY, params, decoder.init_cache(TINY, 2, 3), prompts, lengths)
+  cache = decoder.init_cache(TINY, 2, 8)
+  with pytest.raises(ValueError, match="lengths must lie in"):
+    decoder.prefill(TINY, params, cache, prompts, np.array([5, 2]))
+  with pytest.raises(ValueError, match="tokens must be \\[batch\\]"):
+    decoder.decode_step(TINY, params, cache, prompts)
+  with pytest.raises(ValueError, match="max_length=64 exceeds"):
+    decoder.init_cache(TINY, 2, 64)
+  with pytest.raises(ValueError, match="decoder_segment_ids has shape"):
+    _forward(TINY, params, np.ones((1, 4), np.int32), segment_ids=np.ones((1, 3), np.int32))
+
+
+def test_remat_and_scan_equal_plain_stack():
+  params = _params(TINY)
+  tokens = TOKENS
+  segments = np.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
+  positions = np.array([list(range(4)) + list(range(6)), list(range(7)) + [0] * 3])
+  plain = _forward(TINY, params, tokens, positions, segments)
+
+  remat = TINY.replace(remat=True)
+  np.testing.assert_allclose(_forward(remat, params, tokens, positions, segments), plain,
+                             atol=1e-6, rtol=1e-6)
+  scanned_params = decoder.stack_layer_params(params, TINY.num_layers)
+  scanned = _forward(TINY.replace(scan_layers=True), scanned_params, tokens, positions, segments)
+  np.testing.assert_allclose(scanned, plain, atol=1e-6, rtol=1e-6)
+  round_trip = decoder.unstack_layer_params(scanned_params, TINY.num_layers)
+  jax.tree.map(np.testing.assert_array_equal, round_trip, params)
+
+  # Gradients through remat equal the plain ones.
+  def loss(config, p):
+    return jnp.mean(decoder.Decoder(config).apply({"params": p}, tokens) ** 2)
+  grads_plain = jax.jit(jax.grad(lambda p: loss(TINY, p)))(params)
+  grads_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+               grads_remat, grads_plain)
+
+
+def test_scanned_init_has_leading_layers_axis():
+  init = functools.partial(decoder.init_params, TINY.replace(scan_layers=True))
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  kernel = boxed["layers"]["attention"]["query"]["kernel"]
+  assert kernel.names == ("layers", "embed", "heads", "kv")
+  assert kernel.value.shape == (2, 32, 4, 8)
+
+
+def test_dropout_changes_outputs_only_when_enabled():
+  params = _params(TINY)
+  base = _forward(TINY, params, TOKENS)
+  np.testing.assert_array_equal(_forward(TINY, params, TOKENS), base)
+  apply = jax.jit(functools.partial(decoder.Decoder(TINY).apply, enable_dropout=True))
+  dropped = apply({"params": params}, TOKENS, rngs={"dropout": jax.random.key(1)})
+  assert not np.allclose(dropped, base)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  tokens = TOKENS
+  for config in (TINY, LLAMA_LIKE):
+    params = _params(config)
+    fp32 = _forward(config, params, tokens)
+    bf16 = _forward(config.replace(dtype="bfloat16"), params, tokens)
+    assert bf16.dtype == jnp.float32 and fp32.dtype == jnp.float32
+    np.testing.assert_allclose(bf16, fp32, atol=3e-2 * float(jnp.abs(fp32).max()))
+  bf16_init = functools.partial(decoder.init_params, TINY.replace(dtype="bfloat16"))
+  bf16_params = jax.eval_shape(bf16_init, jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_out_of_range_token_poisons_its_row_instead_of_being_clamped():
+  params = _params(TINY)
+  tokens = TOKENS.copy()
+  tokens[1, 6] = 128
+  logits = _forward(TINY, params, tokens)
+  assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))

@@ -167,3 +167,45 @@ def _check_sharded_kv_cache_decoding(config, mesh, params, shardings, host_param
   np.testing.assert_allclose(
       np.asarray(sharded_cache["layers"]["attention"]["cached_value"]),
       np.asarray(single_cache["layers"]["attention"]["cached_value"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("method, kl_target", [("sld", "paper"), ("sld", "reference")])
+def test_sharded_loss_and_grads_equal_single_device(method, kl_target):
+  """Forward + objective (+ grads) on a data x model mesh equal one device."""
+  _needs_8_devices()
+  from sld_jax import losses
+  from sld_jax.vocab import VocabLayout
+
+  layout = VocabLayout(text_size=40, speech_size=60)
+  config = TINY.replace(vocab_size=layout.size)
+  mesh = partitioning.make_mesh(data=4, fsdp=1, model=2)
+  params, shardings = partitioning.init_sharded(
+      functools.partial(decoder.init_params, config), mesh, RULES, jax.random.key(1))
+  model = decoder.Decoder(config)
+  rng = np.random.default_rng(1)
+  segments = _packed_batch()[2]
+  positions = _packed_batch()[1]
+  targets = np.where(rng.random((4, 8)) < 0.5, rng.integers(1, 40, (4, 8)),
+                     rng.integers(40, 101, (4, 8))).astype(np.int32) * (segments > 0)
+  inputs = np.roll(targets, 1, axis=1) * (positions > 0)
+  weights = (targets > 0).astype(np.float32)
+
+  def loss_fn(p, inputs, positions, segments, targets, weights):
+    logits = model.apply({"params": p}, inputs, positions, segments)
+    return losses.compute_loss(logits, targets, weights, segments, layout=layout,
+                               method=method, kl_target=kl_target)[0]
+
+  grad_fn = jax.value_and_grad(loss_fn)
+  data = partitioning.data_sharding(mesh)
+  with partitioning.sharding_context(mesh, RULES):
+    sharded_loss, sharded_grads = jax.jit(
+        grad_fn, in_shardings=(shardings,) + (data,) * 5,
+        out_shardings=(None, shardings))(params, inputs, positions, segments, targets, weights)
+  host_params = jax.tree.map(np.asarray, params)
+  single_loss, single_grads = jax.jit(grad_fn)(
+      host_params, inputs, positions, segments, targets, weights)
+  assert np.isfinite(single_loss) and single_loss > 0
+  np.testing.assert_allclose(float(sharded_loss), float(single_loss), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                       atol=1e-6, rtol=1e-4),
+               sharded_grads, single_grads)

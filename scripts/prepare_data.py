@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Prepares a corpus into units + text for training (see docs/corpora.md).
+
+Each ``--split NAME=SPEC`` adds one split; one split must be named "train"
+(the codebook and the text model are fit on it). SPEC depends on the corpus:
+
+  librispeech  subsets under --root, comma-separated:
+                 --split train=train-clean-100,train-clean-360
+                 --split dev_clean=dev-clean --split test_clean=test-clean
+  manifest     a TSV "audio_path<TAB>transcript[<TAB>speaker]":
+                 --split train=train.tsv --split test=test.tsv
+  units        fairseq-style units file and line-aligned transcripts:
+                 --split train=train.km:train.wrd
+  npy          a directory of <id>.npy + transcripts.tsv, or a TSV manifest
+                 --split train=feats/train
+  embedded     no --split: --config digits_default (the synthetic corpus)
+
+Examples:
+
+  # The paper's setup: HuBERT/WavLM units made elsewhere (K=2000), no
+  # repeat merging, 6000 unit pieces, into the LibriSpeech task's dir.
+  python scripts/prepare_data.py units --num_clusters 2000 \
+      --no-merge_repeats --unit_pieces 6000 --text_model_type unigram \
+      --text_vocab_size 5000 --out_dir ~/.cache/sld_jax/prepared/librispeech \
+      --split train=train.km:train.wrd --split dev_clean=dev_clean.km:dev_clean.wrd
+
+  # LibriSpeech audio -> Whisper-tiny units, speed-perturbed train split.
+  python scripts/prepare_data.py librispeech --root /data/LibriSpeech \
+      --extractor whisper --num_clusters 500 --speed_perturb 0.9,1.1 \
+      --out_dir /data/prepared/ls100 --split train=train-clean-100 \
+      --split dev_clean=dev-clean
+
+A finished directory is left as it is; an interrupted one is completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sld_jax.speech import prepare  # pylint: disable=g-import-not-at-top
+from sld_jax.speech import readers  # pylint: disable=g-import-not-at-top
+
+CORPORA = ("librispeech", "manifest", "units", "npy", "embedded")
+
+
+def _parse_splits(specs: list[str]) -> dict[str, str]:
+  splits = {}
+  for spec in specs:
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+      raise SystemExit(f"--split must look like NAME=SPEC, got {spec!r}")
+    if name in splits:
+      raise SystemExit(f"--split {name} given twice")
+    splits[name] = value
+  return splits
+
+
+def _read_split(args, spec: str) -> readers.ReadResult:
+  if args.corpus == "librispeech":
+    if not args.root:
+      raise SystemExit("librispeech needs --root")
+    return readers.read_librispeech(args.root, spec.split(","),
+                                    on_error=args.on_error)
+  if args.corpus == "manifest":
+    return readers.read_manifest(spec, on_error=args.on_error)
+  if args.corpus == "units":
+    units_path, sep, text_path = spec.partition(":")
+    if not sep:
+      raise SystemExit(f"units splits look like UNITS_FILE:TRANSCRIPTS_FILE, "
+                       f"got {spec!r}")
+    return readers.read_fairseq_units(units_path, text_path,
+                                      args.num_clusters, on_error=args.on_error)
+  return readers.read_npy_features(spec, on_error=args.on_error)
+
+
+def build_source(args) -> prepare.Source:
+  if args.corpus == "embedded":
+    return prepare.EmbeddedSource(args.config)
+  splits = _parse_splits(args.split)
+  if not splits:
+    raise SystemExit(f"{args.corpus} needs at least --split train=...")
+  read = {name: _read_split(args, spec) for name, spec in splits.items()}
+  for name, result in read.items():
+    print(f"split {name}: {len(result)} utterances"
+          + (f", {result.num_skipped} skipped" if result.num_skipped else ""))
+  return prepare.UtteranceSource({k: v.utterances for k, v in read.items()},
+                                 name=f"{args.corpus}:{json.dumps(splits)}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("corpus", choices=CORPORA)
+  parser.add_argument("--out_dir", required=True)
+  parser.add_argument("--split", action="append", default=[],
+                      help="NAME=SPEC (see above); repeat per split")
+  parser.add_argument("--root", help="librispeech: directory of the subsets")
+  parser.add_argument("--config", default="digits_default",
+                      help="embedded: corpus config name")
+  parser.add_argument("--on_error", choices=("raise", "skip"), default="raise",
+                      help="bad corpus items: stop, or skip them (logged)")
+  parser.add_argument("--extractor", default=None,
+                      choices=("whisper", "logmel", "npy", "units"),
+                      help="default: units/npy for those corpora, else whisper")
+  parser.add_argument("--extractor_kwargs", default="{}",
+                      help='JSON, e.g. \'{"stack_frames": 2}\'')
+  parser.add_argument("--num_clusters", type=int, default=128,
+                      help="K (imported units: their number of units)")
+  parser.add_argument("--kmeans_seed", type=int, default=0)
+  parser.add_argument("--kmeans_utterances", type=int, default=1000)
+  parser.add_argument("--kmeans_frames", type=int, default=200_000)
+  parser.add_argument("--merge_repeats", action=argparse.BooleanOptionalAction,
+                      default=True)
+  parser.add_argument("--unit_pieces", type=int, default=0)
+  parser.add_argument("--speed_perturb", default="",
+                      help="extra train speed factors, e.g. 0.9,1.1")
+  parser.add_argument("--text_model_type", default="unigram",
+                      choices=("unigram", "word", "bpe", "char"))
+  parser.add_argument("--text_vocab_size", type=int, default=1000)
+  parser.add_argument("--text_model_file", default=None,
+                      help="use this SentencePiece model (pad 0, eos 1, unk 2)")
+  args = parser.parse_args(argv)
+
+  extractor = args.extractor or {"units": "units", "npy": "npy"}.get(
+      args.corpus, "whisper")
+  options = prepare.PrepareOptions(
+      extractor=extractor,
+      extractor_kwargs=json.loads(args.extractor_kwargs),
+      num_clusters=args.num_clusters, kmeans_seed=args.kmeans_seed,
+      kmeans_utterances=args.kmeans_utterances,
+      kmeans_frames=args.kmeans_frames, merge_repeats=args.merge_repeats,
+      unit_pieces=args.unit_pieces,
+      speed_perturb=tuple(float(f) for f in args.speed_perturb.split(",")
+                          if f.strip()),
+      text_model_type=args.text_model_type,
+      text_vocab_size=args.text_vocab_size,
+      text_model_file=args.text_model_file)
+  try:
+    metadata = prepare.prepare(build_source(args), args.out_dir, options)
+  except (prepare.PrepareError, readers.CorpusError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps({k: metadata[k] for k in (
+      "num_clusters", "speech_size", "text_size", "splits")}, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

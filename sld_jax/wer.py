@@ -1,0 +1,199 @@
+"""Word and character error rates, computed the way jiwer 4.0 computes them.
+
+Each reference/hypothesis pair is aligned with a Levenshtein alignment (unit
+costs for substitution, deletion and insertion). Corpus-level rates sum the
+edit counts over all pairs and divide by the total reference length::
+
+  WER = (S + D + I) / (H + S + D)        H + S + D = number of reference words
+
+Worked example, reference "one two three", hypothesis "one too three four":
+H=2 ("one", "three"), S=1 ("two"->"too"), D=0, I=1 ("four"), WER = 2/3.
+
+Tokenisation follows jiwer's defaults: for words, runs of two or more
+whitespace characters become one space, the string is stripped and split on
+" " (empty pieces dropped); for characters, the string is stripped and every
+character (spaces included) is a token.
+
+Empty references: when the whole corpus has no reference token, jiwer 4.0
+returns the number of inserted tokens as the "rate" (0 if the hypotheses are
+empty too). ``ErrorCounts.rate`` follows the same convention, so an empty
+reference with a three-word hypothesis has WER 3.0 (300%). A single empty
+reference inside a corpus with other words simply adds its insertions to the
+numerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Hashable, Mapping, Sequence
+
+_MULTIPLE_WHITESPACE = re.compile(r"\s\s+")
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCounts:
+  """Alignment counts of one or more reference/hypothesis pairs."""
+
+  hits: int = 0
+  substitutions: int = 0
+  deletions: int = 0
+  insertions: int = 0
+
+  @property
+  def errors(self) -> int:
+    return self.substitutions + self.deletions + self.insertions
+
+  @property
+  def reference_length(self) -> int:
+    return self.hits + self.substitutions + self.deletions
+
+  @property
+  def rate(self) -> float:
+    """Errors per reference token; insertions count when there is none."""
+    if self.reference_length == 0:
+      return float(self.insertions)
+    return self.errors / self.reference_length
+
+  def __add__(self, other: "ErrorCounts") -> "ErrorCounts":
+    return ErrorCounts(
+        hits=self.hits + other.hits,
+        substitutions=self.substitutions + other.substitutions,
+        deletions=self.deletions + other.deletions,
+        insertions=self.insertions + other.insertions)
+
+
+def words(text: str) -> list[str]:
+  """jiwer's default word tokens: collapse whitespace runs, strip, split."""
+  text = _MULTIPLE_WHITESPACE.sub(" ", text).strip()
+  return [w for w in text.split(" ") if w]
+
+
+def characters(text: str) -> list[str]:
+  """jiwer's default character tokens: strip, then every character."""
+  return list(text.strip())
+
+
+def align_counts(reference: Sequence[Hashable],
+                 hypothesis: Sequence[Hashable]) -> ErrorCounts:
+  """Levenshtein alignment counts of two token sequences.
+
+  Among the minimum-cost alignments, the one kept prefers hits, then
+  substitutions, then deletions, then insertions when back-tracing from the
+  end, so the counts are those of a minimum edit script. The error total
+  (S + D + I) is the edit distance whichever minimum alignment is kept.
+
+  Args:
+    reference: reference tokens.
+    hypothesis: hypothesis tokens.
+
+  Returns:
+    The hits, substitutions, deletions and insertions of the alignment.
+  """
+  n, m = len(reference), len(hypothesis)
+  # cost[i][j]: edit distance between reference[:i] and hypothesis[:j].
+  cost = [list(range(m + 1))]
+  for i in range(1, n + 1):
+    row = [i] + [0] * m
+    prev = cost[i - 1]
+    ref_token = reference[i - 1]
+    for j in range(1, m + 1):
+      diagonal = prev[j - 1] + (ref_token != hypothesis[j - 1])
+      row[j] = min(diagonal, prev[j] + 1, row[j - 1] + 1)
+    cost.append(row)
+  hits = subs = dels = ins = 0
+  i, j = n, m
+  while i > 0 or j > 0:
+    if i > 0 and j > 0:
+      same = reference[i - 1] == hypothesis[j - 1]
+      if cost[i][j] == cost[i - 1][j - 1] + (not same):
+        if same:
+          hits += 1
+        else:
+          subs += 1
+        i, j = i - 1, j - 1
+        continue
+    if i > 0 and cost[i][j] == cost[i - 1][j] + 1:
+      dels += 1
+      i -= 1
+    else:
+      ins += 1
+      j -= 1
+  return ErrorCounts(hits, subs, dels, ins)
+
+
+def word_errors(reference: str, hypothesis: str) -> ErrorCounts:
+  """Word-level alignment counts of one utterance."""
+  return align_counts(words(reference), words(hypothesis))
+
+
+def char_errors(reference: str, hypothesis: str) -> ErrorCounts:
+  """Character-level alignment counts of one utterance."""
+  return align_counts(characters(reference), characters(hypothesis))
+
+
+def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]):
+  if isinstance(references, str) or isinstance(hypotheses, str):
+    raise TypeError("references and hypotheses must be sequences of strings, "
+                    "not a single string")
+  if len(references) != len(hypotheses):
+    raise ValueError(
+        f"got {len(references)} references but {len(hypotheses)} hypotheses")
+  for name, texts in (("references", references), ("hypotheses", hypotheses)):
+    for index, text in enumerate(texts):
+      if not isinstance(text, str):
+        raise TypeError(
+            f"{name}[{index}] is {type(text).__name__}, expected str: {text!r}")
+
+
+def corpus_word_errors(references: Sequence[str],
+                       hypotheses: Sequence[str]) -> ErrorCounts:
+  """Word-level counts summed over a corpus."""
+  _check_pairs(references, hypotheses)
+  total = ErrorCounts()
+  for reference, hypothesis in zip(references, hypotheses):
+    total += word_errors(reference, hypothesis)
+  return total
+
+
+def corpus_char_errors(references: Sequence[str],
+                       hypotheses: Sequence[str]) -> ErrorCounts:
+  """Character-level counts summed over a corpus."""
+  _check_pairs(references, hypotheses)
+  total = ErrorCounts()
+  for reference, hypothesis in zip(references, hypotheses):
+    total += char_errors(reference, hypothesis)
+  return total
+
+
+def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+  """Corpus word error rate as a fraction (``jiwer.wer``)."""
+  return corpus_word_errors(references, hypotheses).rate
+
+
+def cer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+  """Corpus character error rate as a fraction (``jiwer.cer``)."""
+  return corpus_char_errors(references, hypotheses).rate
+
+
+def wer_metric(targets: Sequence[str],
+               predictions: Sequence[str]) -> Mapping[str, float]:
+  """seqio metric function: corpus WER and CER in percent.
+
+  Args:
+    targets: reference transcripts (already normalised, e.g. lower-cased).
+    predictions: decoded transcripts, in the same order.
+
+  Returns:
+    ``{"wer": 100 * WER, "cer": 100 * CER}``.
+  """
+  targets = [_as_str(t) for t in targets]
+  predictions = [_as_str(p) for p in predictions]
+  return {"wer": 100.0 * wer(targets, predictions),
+          "cer": 100.0 * cer(targets, predictions)}
+
+
+def _as_str(text) -> str:
+  if isinstance(text, bytes):
+    return text.decode("utf-8")
+  return text

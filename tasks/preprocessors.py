@@ -1,0 +1,111 @@
+"""seqio preprocessors: prepared units + transcript -> one "targets" stream.
+
+A prepared example (see ``sld_jax.speech.prepare``) holds speech units in
+[0, K) and a normalised transcript. ``units_and_text_to_targets`` lays them
+out in the shared vocabulary (``sld_jax.vocab.VocabLayout``)::
+
+  layout: text_size=14 (0 PAD, 1 <text_end>, 2 UNK, 3..13 words),
+          <speech_end>=14, unit u -> 15 + u
+  units  [3, 0, 7]   text "one two" (SentencePiece ids [5, 7])
+
+  targets       [18, 15, 22, 14, 5, 7, 1]
+                 units....  <se> text <text_end>
+  speech_length 4  (units + <speech_end>: the decoding prompt)
+
+``filter_over_length`` then drops examples whose targets exceed
+``sequence_length["targets"]`` and logs how many it dropped out of how many;
+nothing is ever trimmed.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from absl import logging
+import seqio
+import tensorflow as tf
+
+from sld_jax import vocab as vocab_lib
+
+PASSTHROUGH_FEATURES = ("id", "speaker", "text", "speech_length")
+
+
+def units_and_text_to_targets(
+    dataset: tf.data.Dataset,
+    output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """Builds ``targets = units <speech_end> text <text_end>``.
+
+  Args:
+    dataset: examples with "id", "speaker", "text" (tf.string scalars) and
+      "units" (integer [n], values in [0, K)).
+    output_features: must hold "targets" with a ``SpeechTextVocabulary``.
+
+  Returns:
+    Examples with "targets" (int32 [n + 1 + m + 1]), "speech_length"
+    (int32 scalar, n + 1) and the "id", "speaker", "text" passthrough
+    features. A unit outside [0, K) fails at iteration time with an error
+    naming the example id.
+  """
+  vocabulary = output_features["targets"].vocabulary
+  layout = vocabulary.layout
+  speech_size = layout.speech_size
+  speech_offset = layout.speech_offset
+  speech_end = layout.speech_end_id
+
+  def convert(example):
+    units = tf.cast(example["units"], tf.int32)
+    in_range = tf.reduce_all((units >= 0) & (units < speech_size))
+    check = tf.debugging.Assert(in_range, [
+        "example", example["id"], "has a speech unit outside [0, K), K =",
+        speech_size, "units:", units], summarize=64)
+    with tf.control_dependencies([check]):
+      speech = units + speech_offset
+    text_ids = tf.cast(vocabulary.encode_tf(example["text"]), tf.int32)
+    targets = tf.concat([
+        speech, tf.constant([speech_end], tf.int32), text_ids,
+        tf.constant([vocab_lib.EOS_ID], tf.int32)], axis=0)
+    return {
+        "targets": targets,
+        "speech_length": tf.size(speech, out_type=tf.int32) + 1,
+        "id": example["id"],
+        "speaker": example["speaker"],
+        "text": example["text"],
+    }
+
+  return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def count_over_length(dataset: tf.data.Dataset, max_length: int,
+                      feature: str = "targets") -> tuple[int, int]:
+  """(examples longer than ``max_length``, all examples) by one pass."""
+  lengths = dataset.map(lambda ex: tf.size(ex[feature], out_type=tf.int64),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+  over, total = lengths.reduce(
+      (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+      lambda state, n: (state[0] + tf.cast(n > max_length, tf.int64),
+                        state[1] + 1))
+  return int(over), int(total)
+
+
+def filter_over_length(dataset: tf.data.Dataset,
+                       sequence_length: Optional[Mapping[str, int]],
+                       feature: str = "targets",
+                       count: bool = True) -> tf.data.Dataset:
+  """Drops examples whose ``feature`` is longer than its sequence length.
+
+  With ``count=True`` (and eager execution, as when seqio builds a task's
+  dataset) the examples are counted first and the count is logged:
+  "filtered 3 of 120 examples with targets longer than 64 tokens". That pass
+  reads the dataset once more (cheap next to training). Without a sequence
+  length for ``feature``, nothing is filtered.
+  """
+  if not sequence_length or sequence_length.get(feature) is None:
+    return dataset
+  max_length = int(sequence_length[feature])
+  if count and tf.executing_eagerly():
+    over, total = count_over_length(dataset, max_length, feature)
+    log = logging.warning if over else logging.info
+    log("filtered %d of %d examples with %s longer than %d tokens "
+        "(never trimmed; raise sequence_length[%r] to keep them)",
+        over, total, feature, max_length, feature)
+  return dataset.filter(lambda ex: tf.size(ex[feature]) <= max_length)

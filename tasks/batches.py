@@ -75,8 +75,12 @@ def get_dataset(task_name: str, split: str,
   dataset = task.get_dataset(
       sequence_length=lengths, split=split, use_cached=False, shuffle=shuffle,
       shuffle_buffer_size=shuffle_buffer_size, seed=seed,
-      shard_info=shard_info, num_epochs=num_epochs,
-      trim_output_features=False)
+      shard_info=shard_info, num_epochs=1, trim_output_features=False)
+  # seqio repeats *before* its post-cache preprocessors, which would make the
+  # over-length count (one pass over the split) endless: repeat here instead.
+  # Shuffling reshuffles each epoch, deterministically for the seed.
+  if num_epochs != 1:
+    dataset = dataset.repeat(num_epochs)
   converter = seqio.DecoderFeatureConverter(pack=pack)
   if pack:
     model_features = converter(dataset, lengths)

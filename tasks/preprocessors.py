@@ -102,6 +102,10 @@ def filter_over_length(dataset: tf.data.Dataset,
   if not sequence_length or sequence_length.get(feature) is None:
     return dataset
   max_length = int(sequence_length[feature])
+  if count and dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+    raise ValueError(
+        "filter_over_length cannot count the examples of a repeated dataset; "
+        "repeat after filtering (tasks.get_dataset does)")
   if count and tf.executing_eagerly():
     over, total = count_over_length(dataset, max_length, feature)
     log = logging.warning if over else logging.info

@@ -1,0 +1,183 @@
+r"""Objective overhead: SLD vs Multimodal CE vs Loss Masking train steps.
+
+GPT-2-small dimensions and the paper's vocabulary (GPT-2 text + 6000 speech
+units: ``VocabLayout(50259, 6000)``, 56320 rows) on packed rows of realistic
+sequences (``train_throughput.make_sequences``). One ``Trainer`` per
+objective (same model, optimizer, mesh); each train step is compiled ahead of
+time (``lower().compile()``) so that its memory can be read:
+
+  temp bytes       ``compiled.memory_analysis().temp_size_in_bytes``: the
+                   step's scratch memory (activations, gradients, logits)
+  unit buffers     buffers that XLA materialises (results of instructions
+                   outside fused computations, in the entry computation and
+                   loop / branch bodies) with a K = speech_size sized axis;
+                   a ``[batch, length, units]`` buffer would show up here
+
+The steps are timed round-robin (LM, MCE, SLD, ..., then the next round) on
+one training state passed from step to step (the objectives share the state
+structure), so that load changes on this machine hit every objective alike;
+the table shows median step times and the ratio to Multimodal CE.
+
+  python benchmarks/objective_overhead.py                 # ~5 min on 2 cores
+  python benchmarks/objective_overhead.py --length 1024 --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+import train_throughput  # pylint: disable=g-import-not-at-top
+from sld_jax.vocab import VocabLayout
+
+OBJECTIVES = {
+    "loss_masking": ("loss_masking", "paper"),
+    "multimodal_ce": ("multimodal_ce", "paper"),
+    "sld": ("sld", "paper"),
+    "sld_reference": ("sld", "reference"),
+}
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) ")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* (\S+?)\(")
+_ALIASING_OPS = ("parameter", "bitcast", "get-tuple-element", "constant", "tuple")
+_BYTES = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "pred": 1, "s8": 1, "u8": 1,
+          "f64": 8, "s64": 8}
+
+
+def materialised_buffers(hlo_text: str) -> list[tuple[str, str, tuple[int, ...], int]]:
+  """(instruction, opcode, shape, bytes) of every non-fused instruction result.
+
+  Instructions inside fused computations (``calls=%fused_...``) live in
+  registers / loops of their fusion, not in memory; aliasing ops (bitcast,
+  get-tuple-element, parameter, ...) allocate nothing.
+  """
+  fused = set(re.findall(r"calls=%([\w.\-]+)", hlo_text))
+  buffers, skip = [], False
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and line.rstrip().endswith("{"):
+      skip = header.group(2) in fused
+      continue
+    if skip:
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match or match.group(5) in _ALIASING_OPS:
+      continue
+    dtype, dims = match.group(3), match.group(4)
+    shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    buffers.append((match.group(2), match.group(5), shape,
+                    int(np.prod(shape, dtype=np.int64)) * _BYTES.get(dtype, 4)))
+  return buffers
+
+
+def unit_buffers(hlo_text: str, num_units: int) -> dict[str, Any]:
+  """Materialised buffers with an axis of ``num_units``: count, bytes, shapes."""
+  found = [b for b in materialised_buffers(hlo_text) if num_units in b[2]]
+  shapes = collections.Counter(f"{op}{list(shape)}" for _, op, shape, _ in found)
+  return {"count": len(found), "bytes": sum(b[3] for b in found),
+          "shapes": dict(shapes.most_common(6))}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", default="gpt2_small")
+  parser.add_argument("--text_size", type=int, default=50259)
+  parser.add_argument("--speech_size", type=int, default=6000)
+  parser.add_argument("--rows", type=int, default=1)
+  parser.add_argument("--length", type=int, default=512, help="tokens per packed row")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="timed steps per objective (after one warm-up round)")
+  parser.add_argument("--objectives", default="loss_masking,multimodal_ce,sld,sld_reference",
+                      help=f"comma-separated subset of {tuple(OBJECTIVES)}")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+
+  names = args.objectives.split(",")
+  unknown = [n for n in names if n not in OBJECTIVES]
+  if unknown:
+    raise ValueError(f"--objectives: unknown {unknown}; choose from {tuple(OBJECTIVES)}")
+  layout = VocabLayout(args.text_size, args.speech_size)
+  lengths = train_throughput.sequence_lengths(4000, args.seed)
+  stream = iter(train_throughput.make_sequences(layout, lengths, args.seed))
+  pending: list[np.ndarray] = []
+  batches = [train_throughput.packed_batch(stream, args.rows, args.length, pending)[0]
+             for _ in range(args.rounds + 1)]
+
+  load_start = os.getloadavg()[0]
+  trainers, compiled, analysis = {}, {}, {}
+  state = None
+  for name in names:
+    method, kl_target = OBJECTIVES[name]
+    trainer = train_throughput.build_sld_jax_trainer(
+        args.size, layout, max(args.length, 64), method=method, kl_target=kl_target)
+    if state is None:
+      state = trainer.init_state()
+    start = time.perf_counter()
+    with jax.set_mesh(trainer.mesh):
+      # The Trainer's jitted step (in_shardings, donation) compiled ahead of time.
+      executable = trainer._train_step.lower(  # pylint: disable=protected-access
+          trainer.abstract_state, trainer.shard_batch(batches[0])).compile()
+    memory = executable.memory_analysis()
+    text = executable.as_text()
+    analysis[name] = {
+        "compile_seconds": time.perf_counter() - start,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "units": unit_buffers(text, layout.speech_size),
+        "vocab": unit_buffers(text, layout.size),
+    }
+    trainers[name], compiled[name] = trainer, executable
+
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for round_index, batch in enumerate(batches):
+    order = names if round_index % 2 == 0 else names[::-1]
+    for name in order:
+      start = time.perf_counter()
+      state, metrics = compiled[name](state, trainers[name].shard_batch(batch))
+      jax.block_until_ready(metrics)
+      if round_index:  # round 0 warms up
+        times[name].append(time.perf_counter() - start)
+  load_end = os.getloadavg()[0]
+
+  tokens = statistics.mean(int(np.sum(b["decoder_loss_weights"])) for b in batches)
+  print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"load average {load_start:.2f} -> {load_end:.2f}")
+  print(f"{args.size}, VocabLayout({args.text_size}, {args.speech_size}) = {layout.size} rows; "
+        f"packed rows [{args.rows}, {args.length}], {tokens:.0f} real target tokens per step; "
+        f"{args.rounds} timed rounds")
+  print()
+  print("| objective | median step (s) | vs multimodal_ce | temp memory (MiB) | "
+        "materialised [.., K] buffers: count / MiB | [.., V] buffers: count / MiB | "
+        "steps (s) |")
+  print("|---|---|---|---|---|---|---|")
+  base = statistics.median(times["multimodal_ce"]) if "multimodal_ce" in times else None
+  for name in names:
+    median = statistics.median(times[name])
+    info = analysis[name]
+    ratio = f"{median / base:.3f}" if base else "-"
+    print(f"| {name} | {median:.3f} | {ratio} | {info['temp_bytes'] / 2**20:,.1f} | "
+          f"{info['units']['count']} / {info['units']['bytes'] / 2**20:,.1f} | "
+          f"{info['vocab']['count']} / {info['vocab']['bytes'] / 2**20:,.1f} | "
+          f"{[round(t, 2) for t in times[name]]} |")
+  print()
+  for name in names:
+    print(f"{name}: [.., K={layout.speech_size}] buffers {analysis[name]['units']['shapes']}; "
+          f"[.., V={layout.size}] buffers {analysis[name]['vocab']['shapes']}; "
+          f"compile {analysis[name]['compile_seconds']:.0f} s")
+  print()
+  print("command: python " + " ".join(["benchmarks/objective_overhead.py"] + sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  main()

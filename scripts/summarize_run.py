@@ -1,0 +1,40 @@
+"""Prints the WER table of a run and where its checkpoint, metrics and predictions are.
+
+  python scripts/summarize_run.py runs/demo
+
+Reads ``MODEL_DIR/eval/metrics.jsonl`` (written by ``python -m sld_jax.eval``)
+and ``MODEL_DIR/metrics.jsonl`` (written by training).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+
+def main(model_dir: str) -> int:
+  eval_log = os.path.join(model_dir, "eval", "metrics.jsonl")
+  if not os.path.exists(eval_log):
+    print(f"no evaluation found: {eval_log} is missing (run python -m sld_jax.eval)")
+    return 1
+  rows = [json.loads(line) for line in open(eval_log) if line.strip()]
+  print(f"\n{'step':>6}  {'split':<12} {'utts':>6} {'WER %':>7} {'CER %':>7}")
+  for row in rows:
+    print(f"{row.get('step', '?'):>6}  {row.get('split', '?'):<12} "
+          f"{row.get('num_utterances', 0):>6} {row.get('wer', float('nan')):>7.2f} "
+          f"{row.get('cer', float('nan')):>7.2f}")
+  checkpoints = sorted(glob.glob(os.path.join(model_dir, "checkpoints", "*")))
+  predictions = sorted(glob.glob(os.path.join(model_dir, "eval", "step_*", "*", "*",
+                                              "predictions.jsonl")))
+  print(f"\ncheckpoint:  {checkpoints[-1] if checkpoints else '(none)'}")
+  print(f"metrics:     {os.path.join(model_dir, 'metrics.jsonl')}  (TensorBoard: "
+        f"{os.path.join(model_dir, 'tensorboard')})")
+  for path in predictions:
+    print(f"predictions: {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "runs/demo"))

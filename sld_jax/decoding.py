@@ -1,0 +1,373 @@
+"""Transcript decoding from a speech prompt with a KV cache: greedy and beam search.
+
+The prompt of row b is ``units <speech_end>`` (``prompt_lengths[b]`` tokens,
+right-padded). It is prefilled into the cache in one pass; then one token per
+row per step is generated until every row has emitted ``<text_end>`` or spent
+its text budget. Only text ids can be emitted: PAD, <speech_end>, the units
+and the rounding ids get ``-inf`` logits before the decoding softmax.
+
+Example (greedy, ``max_decode_length=4``, <text_end>=1, PAD=0)::
+
+  prompt_tokens   = [[12, 13, 10,  0],     prompt_lengths = [3, 4]
+                     [14, 12, 15, 10]]
+  step outputs        row 0: 7, 5, 1          -> done after 3 steps
+                      row 1: 4, 4, 6, 9       -> budget spent after 4 steps
+  tokens          = [[7, 5, 1, 0],
+                     [4, 4, 6, 9]]
+  lengths         = [3, 4]      (tokens up to and including <text_end>)
+  ended           = [True, False]
+
+Budgets: ``max_decode_length`` is the width of ``tokens``; ``budgets [B]``
+(optional) lowers it per row, e.g. so that ``prompt_lengths[b] + budgets[b]``
+stays within the cache. A row's result never depends on the other rows of
+its batch.
+
+The model is passed as two pure functions so that decoding does not depend
+on the decoder's internals (``cached_fns`` binds the KV-cache decoder of
+``sld_jax.model.decoder``; ``uncached_fns`` a naive reference that reruns the
+full forward pass over the whole sequence at every step)::
+
+  prefill_fn(cache, prompt_tokens [B, P], prompt_lengths [B]) -> (logits [B, P, V], cache)
+  step_fn(cache, tokens [B]) -> (logits [B, V], cache)
+
+Beam search reorders cache rows; ``cache_batch_axes`` (a pytree of ints
+shaped like the cache, default 0 everywhere) says where each leaf keeps the
+batch (``decoder_cache_batch_axes`` reads it from the decoder's logical axis
+names, so scanned layers with a leading layer axis work too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sld_jax.model import decoder as decoder_lib
+from sld_jax.vocab import VocabLayout
+
+PrefillFn = Callable[[Any, jax.Array, jax.Array], Tuple[jax.Array, Any]]
+StepFn = Callable[[Any, jax.Array], Tuple[jax.Array, Any]]
+
+NEG_INF = -jnp.inf
+METHODS = ("greedy", "beam")
+
+
+class DecodeResult(NamedTuple):
+  """Decoded transcripts of a batch.
+
+  Attributes:
+    tokens: [B, max_decode_length] int32 text ids; <text_end> included where
+      a row ended; PAD after ``lengths``.
+    lengths: [B] tokens per row, <text_end> included.
+    scores: [B] float32; greedy: the summed log-probabilities of the tokens
+      under the text-only softmax; beam: that sum divided by
+      ``length_penalty(lengths, alpha)``.
+    ended: [B] bool, whether the row emitted <text_end> within its budget.
+  """
+
+  tokens: jax.Array
+  lengths: jax.Array
+  scores: jax.Array
+  ended: jax.Array
+
+
+def text_only_bias(layout: VocabLayout, vocab_size: int) -> jax.Array:
+  """[V] additive bias: 0 on emittable ids (text ids but PAD), -inf elsewhere.
+
+  ``VocabLayout(text_size=5, speech_size=3)``, V=128 ->
+  ``[-inf, 0, 0, 0, 0, -inf, -inf, ...]`` (<text_end>=1, UNK=2, t3, t4).
+  """
+  ids = jnp.arange(vocab_size)
+  allowed = (ids > layout.pad_id) & (ids < layout.text_size)
+  return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def logits_at(logits: jax.Array, lengths: jax.Array) -> jax.Array:
+  """logits [B, P, V] -> [B, V] at position ``lengths[b] - 1`` of each row."""
+  index = jnp.maximum(lengths - 1, 0)
+  return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT length normalisation ``((5 + length) / 6) ** alpha``; 1 when alpha == 0."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _row_budgets(budgets: Optional[jax.Array], batch: int, width: int) -> jax.Array:
+  if budgets is None:
+    return jnp.full((batch,), width, jnp.int32)
+  return jnp.clip(jnp.asarray(budgets, jnp.int32), 0, width)
+
+
+def _step(step_fn: StepFn, cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+  logits, cache = step_fn(cache, tokens)
+  return logits.astype(jnp.float32), cache
+
+
+def _check_static(layout: VocabLayout, max_decode_length: int) -> None:
+  if not isinstance(layout, VocabLayout):
+    raise TypeError(f"layout must be a VocabLayout, got {type(layout).__name__}")
+  if max_decode_length < 1:
+    raise ValueError(f"max_decode_length must be >= 1, got {max_decode_length}")
+
+
+def greedy_decode(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any,
+                  prompt_tokens: jax.Array, prompt_lengths: jax.Array, *,
+                  layout: VocabLayout, max_decode_length: int,
+                  budgets: Optional[jax.Array] = None) -> DecodeResult:
+  """Greedy decoding; jit-compatible (``layout``/``max_decode_length`` static).
+
+  The loop stops when every row is done (ended or out of budget); the model
+  step after the last token is skipped.
+  """
+  _check_static(layout, max_decode_length)
+  batch = prompt_tokens.shape[0]
+  logits, cache = prefill_fn(cache, prompt_tokens, prompt_lengths)
+  bias = text_only_bias(layout, logits.shape[-1])
+  budgets = _row_budgets(budgets, batch, max_decode_length)
+
+  def cond(state):
+    step, _, done, *_ = state
+    return (step < max_decode_length) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, done, lengths, scores, ended, next_logits, cache = state
+    log_probs = jax.nn.log_softmax(next_logits.astype(jnp.float32) + bias)
+    token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+    token_logp = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+    token = jnp.where(done, layout.pad_id, token)
+    scores = scores + jnp.where(done, 0.0, token_logp)
+    tokens = tokens.at[:, step].set(token)
+    lengths = lengths + (~done).astype(jnp.int32)
+    ended = ended | (~done & (token == layout.eos_id))
+    done = done | ended | (lengths >= budgets)
+    next_logits, cache = jax.lax.cond(
+        jnp.all(done), lambda: (next_logits, cache), lambda: _step(step_fn, cache, token))
+    return step + 1, tokens, done, lengths, scores, ended, next_logits, cache
+
+  state = (jnp.int32(0), jnp.zeros((batch, max_decode_length), jnp.int32),
+           budgets <= 0, jnp.zeros((batch,), jnp.int32),
+           jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool),
+           logits_at(logits, prompt_lengths).astype(jnp.float32), cache)
+  _, tokens, _, lengths, scores, ended, _, _ = jax.lax.while_loop(cond, body, state)
+  return DecodeResult(tokens, lengths, scores, ended)
+
+
+def _batch_axes(cache: Any, cache_batch_axes: Optional[Any]) -> Any:
+  if cache_batch_axes is None:
+    return jax.tree.map(lambda _: 0, cache)
+  return cache_batch_axes
+
+
+def _expand_beams(cache: Any, axes: Any, beams: int) -> Any:
+  """Rows ``[b0, b1]`` -> ``[b0, b0, b0, b1, b1, b1]`` for 3 beams, per leaf axis."""
+  return jax.tree.map(lambda x, axis: jnp.repeat(x, beams, axis=axis), cache, axes)
+
+
+def _gather_beams(cache: Any, axes: Any, source_beam: jax.Array) -> Any:
+  """Row ``b * W + w`` <- row ``b * W + source_beam[b, w]``; source_beam [B, W]."""
+  batch, beams = source_beam.shape
+  flat = (jnp.arange(batch)[:, None] * beams + source_beam).reshape(-1)
+  return jax.tree.map(lambda x, axis: jnp.take(x, flat, axis=axis), cache, axes)
+
+
+def beam_search(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any,
+                prompt_tokens: jax.Array, prompt_lengths: jax.Array, *,
+                layout: VocabLayout, max_decode_length: int, beam_size: int,
+                alpha: float = 0.0, budgets: Optional[jax.Array] = None,
+                cache_batch_axes: Optional[Any] = None) -> DecodeResult:
+  """Beam search with the GNMT length penalty; jit-compatible.
+
+  ``cache`` holds ``batch`` rows: the prompts are prefilled once and the
+  cache rows are then repeated into ``batch * beam_size`` beams. At each step
+  every alive beam proposes its best continuations and the ``2W`` best
+  candidates of a row are ranked (``W = beam_size``). As in fairseq, a
+  candidate ending in <text_end> is finished only if it ranks among the
+  first ``W``; its score is ``log p / length_penalty(length, alpha)``. The
+  ``W`` best candidates that did not end stay alive. So with ``W = 1`` and
+  ``alpha = 0`` this is exactly greedy decoding.
+
+  A row stops (and is frozen) when its budget is spent or when no alive beam
+  can still beat the worst of its ``W`` finished hypotheses (scored
+  optimistically at the budget). The result is the best finished
+  hypothesis, unless the budget stopped the row and its best alive
+  (unfinished) beam scores higher, as greedy decoding would return it.
+  """
+  _check_static(layout, max_decode_length)
+  if beam_size < 1:
+    raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+  batch = prompt_tokens.shape[0]
+  beams, width = beam_size, max_decode_length
+  logits, cache = prefill_fn(cache, prompt_tokens, prompt_lengths)
+  vocab = logits.shape[-1]
+  bias = text_only_bias(layout, vocab)
+  axes = _batch_axes(cache, cache_batch_axes)
+  cache = _expand_beams(cache, axes, beams)
+  next_logits = jnp.repeat(logits_at(logits, prompt_lengths).astype(jnp.float32), beams, axis=0)
+  budgets = _row_budgets(budgets, batch, width)
+  best_penalty = length_penalty(budgets, alpha)           # optimistic bound per row
+
+  def can_improve(alive_logp, finished_scores):
+    return alive_logp[:, 0] / best_penalty > finished_scores.min(axis=1)
+
+  def cond(state):
+    step, active = state[0], state[1]
+    return (step < width) & jnp.any(active)
+
+  def body(state):
+    (step, active, alive_steps, alive_seqs, alive_logp, finished_seqs, finished_scores,
+     finished_lengths, next_logits, cache) = state
+    log_probs = jax.nn.log_softmax(next_logits + bias).reshape(batch, beams, vocab)
+    candidates = (alive_logp[:, :, None] + log_probs).reshape(batch, beams * vocab)
+    top_logp, top_index = jax.lax.top_k(candidates, 2 * beams)
+    top_beam, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    top_seqs = jnp.take_along_axis(alive_seqs, top_beam[:, :, None], axis=1)
+    top_seqs = top_seqs.at[:, :, step].set(top_token)
+    is_eos = top_token == layout.eos_id
+    in_first_w = jnp.arange(2 * beams) < beams
+
+    # Finished: the best W of the old finished and this step's ranked EOS candidates.
+    eos_scores = jnp.where(is_eos & in_first_w, top_logp / length_penalty(step + 1, alpha),
+                           NEG_INF)
+    all_scores = jnp.concatenate([finished_scores, eos_scores], axis=1)
+    all_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
+    all_lengths = jnp.concatenate(
+        [finished_lengths, jnp.full((batch, 2 * beams), step + 1, jnp.int32)], axis=1)
+    new_finished_scores, keep = jax.lax.top_k(all_scores, beams)
+    new_finished_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
+    new_finished_lengths = jnp.take_along_axis(all_lengths, keep, axis=1)
+
+    # Alive: the best W candidates that did not end.
+    new_alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), beams)
+    new_alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
+    source_beam = jnp.take_along_axis(top_beam, keep, axis=1)
+    token = jnp.take_along_axis(top_token, keep, axis=1)
+
+    # Frozen rows (out of budget or unable to improve) keep their state.
+    def merge(new, old):
+      return jnp.where(active.reshape((batch,) + (1,) * (new.ndim - 1)), new, old)
+    alive_seqs = merge(new_alive_seqs, alive_seqs)
+    alive_logp = merge(new_alive_logp, alive_logp)
+    finished_seqs = merge(new_finished_seqs, finished_seqs)
+    finished_scores = merge(new_finished_scores, finished_scores)
+    finished_lengths = merge(new_finished_lengths, finished_lengths)
+    source_beam = merge(source_beam, jnp.broadcast_to(jnp.arange(beams), (batch, beams)))
+    token = merge(token, jnp.full_like(token, layout.pad_id))
+    alive_steps = alive_steps + active.astype(jnp.int32)
+    active = active & (alive_steps < budgets) & can_improve(alive_logp, finished_scores)
+
+    def advance():
+      return _step(step_fn, _gather_beams(cache, axes, source_beam), token.reshape(-1))
+    next_logits, cache = jax.lax.cond(
+        jnp.any(active) & (step + 1 < width), advance, lambda: (next_logits, cache))
+    return (step + 1, active, alive_steps, alive_seqs, alive_logp, finished_seqs,
+            finished_scores, finished_lengths, next_logits, cache)
+
+  state = (jnp.int32(0), budgets > 0, jnp.zeros((batch,), jnp.int32),
+           jnp.zeros((batch, beams, width), jnp.int32),
+           jnp.tile(jnp.array([0.0] + [NEG_INF] * (beams - 1), jnp.float32), (batch, 1)),
+           jnp.zeros((batch, beams, width), jnp.int32),
+           jnp.full((batch, beams), NEG_INF, jnp.float32),
+           jnp.zeros((batch, beams), jnp.int32), next_logits, cache)
+  (_, _, alive_steps, alive_seqs, alive_logp, finished_seqs, finished_scores,
+   finished_lengths, _, _) = jax.lax.while_loop(cond, body, state)
+
+  # A row frozen because it could not improve has alive_score < its finished
+  # scores, so the alive beam only wins where the budget cut the search short.
+  alive_score = alive_logp[:, 0] / length_penalty(alive_steps, alpha)
+  ended = (finished_scores[:, 0] > NEG_INF) & (finished_scores[:, 0] >= alive_score)
+  tokens = jnp.where(ended[:, None], finished_seqs[:, 0], alive_seqs[:, 0])
+  lengths = jnp.where(ended, finished_lengths[:, 0], alive_steps)
+  scores = jnp.where(ended, finished_scores[:, 0], alive_score)
+  return DecodeResult(tokens, lengths, scores, ended)
+
+
+def decode(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any, prompt_tokens: jax.Array,
+           prompt_lengths: jax.Array, *, layout: VocabLayout, max_decode_length: int,
+           method: str = "greedy", beam_size: int = 4, alpha: float = 0.0,
+           budgets: Optional[jax.Array] = None,
+           cache_batch_axes: Optional[Any] = None) -> DecodeResult:
+  """``greedy_decode`` or ``beam_search`` by name (``method`` in ``METHODS``)."""
+  if method == "greedy":
+    return greedy_decode(prefill_fn, step_fn, cache, prompt_tokens, prompt_lengths,
+                         layout=layout, max_decode_length=max_decode_length, budgets=budgets)
+  if method == "beam":
+    return beam_search(prefill_fn, step_fn, cache, prompt_tokens, prompt_lengths,
+                       layout=layout, max_decode_length=max_decode_length,
+                       beam_size=beam_size, alpha=alpha, budgets=budgets,
+                       cache_batch_axes=cache_batch_axes)
+  raise ValueError(f"decoding method must be one of {METHODS}, got {method!r}")
+
+
+def strip_to_text(tokens: jax.Array, lengths: jax.Array, layout: VocabLayout) -> jax.Array:
+  """Zeroes <text_end> and everything from ``lengths`` on: text ids, PAD elsewhere."""
+  positions = jnp.arange(tokens.shape[1])[None, :]
+  keep = (positions < lengths[:, None]) & (tokens != layout.eos_id)
+  return jnp.where(keep, tokens, layout.pad_id)
+
+
+# ----------------------------------------------------------------------------
+# Model-bound prefill/step functions.
+# ----------------------------------------------------------------------------
+
+
+def cached_fns(module: decoder_lib.Decoder, params: Any) -> tuple[PrefillFn, StepFn]:
+  """The KV-cache decoder: prefill once, then one token per step.
+
+  The cache comes from ``decoder.init_cache(module, batch, cache_length)``;
+  ``cache_length`` must cover ``prompt_lengths + budgets``.
+  """
+  def prefill_fn(cache, prompt_tokens, prompt_lengths):
+    return decoder_lib.prefill(module, params, cache, prompt_tokens, prompt_lengths)
+
+  def step_fn(cache, tokens):
+    return decoder_lib.decode_step(module, params, cache, tokens)
+  return prefill_fn, step_fn
+
+
+def decoder_cache_batch_axes(module: decoder_lib.Decoder, batch_size: int,
+                             max_length: int) -> Any:
+  """Per cache leaf, the axis named 'cache_batch' (1 for scanned layers, else 0)."""
+  boxed = decoder_lib.abstract_cache(module, batch_size, max_length)
+  return jax.tree.map(lambda box: box.names.index("cache_batch"), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+class UncachedState(NamedTuple):
+  """The whole sequence so far: tokens [B, M] (0-padded) and lengths [B]."""
+
+  tokens: jax.Array
+  lengths: jax.Array
+
+
+def init_uncached_state(batch_size: int, max_length: int) -> UncachedState:
+  return UncachedState(jnp.zeros((batch_size, max_length), jnp.int32),
+                       jnp.zeros((batch_size,), jnp.int32))
+
+
+def uncached_fns(module: decoder_lib.Decoder, params: Any) -> tuple[PrefillFn, StepFn]:
+  """Naive reference decoding: every step reruns the full forward pass.
+
+  The "cache" is an ``UncachedState`` of ``M`` tokens per row (make it with
+  ``init_uncached_state``); each step writes the new token at ``lengths[b]``
+  and runs the decoder over all ``M`` positions (causal attention makes the
+  padding after ``lengths[b]`` irrelevant), so a step costs a full forward
+  pass instead of one position.
+  """
+  def forward(tokens):
+    return module.apply({"params": params}, tokens)
+
+  def prefill_fn(state, prompt_tokens, prompt_lengths):
+    prompt_length = prompt_tokens.shape[1]
+    real = jnp.arange(prompt_length)[None, :] < prompt_lengths[:, None]
+    tokens = state.tokens.at[:, :prompt_length].set(jnp.where(real, prompt_tokens, 0))
+    return forward(tokens), UncachedState(tokens, prompt_lengths.astype(jnp.int32))
+
+  def step_fn(state, tokens):
+    rows = jnp.arange(tokens.shape[0])
+    sequence = state.tokens.at[rows, state.lengths].set(tokens, mode="drop")
+    lengths = state.lengths + 1
+    return logits_at(forward(sequence), lengths), UncachedState(sequence, lengths)
+  return prefill_fn, step_fn

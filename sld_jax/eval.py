@@ -1,0 +1,421 @@
+r"""Scores checkpoints on every eval split: ``python -m sld_jax.eval``.
+
+  python -m sld_jax.eval \
+    --gin_file=gin_configs/experiments/smoke.gin \
+    --gin.CHECKPOINT_PATH=\"/tmp/sld_smoke\" \
+    --gin.EVAL_OUTPUT_DIR=\"/tmp/sld_smoke/eval\" \
+    [--gin.evaluate.steps=\"all\"] [--gin.DecodingConfig.method=\"beam\"] \
+    [--gin.DecodingConfig.beam_size=8] [--gin.evaluate.splits=[\"test\"]]
+
+The experiment's gin file gives the model, the task (``TASK``), the mesh and
+the batch shape (``BATCH_SIZE`` rows of ``SEQUENCE_LENGTH`` tokens), exactly
+as in training; ``evaluate.*`` bindings override them. ``CHECKPOINT_PATH``
+is a MODEL_DIR (with ``checkpoints/<step>/``), its ``checkpoints`` directory,
+or one step directory. ``evaluate.steps`` picks "latest" (default), "all",
+or given steps; a step directory pins its step. Only the parameters are
+read (no optimizer state), straight into the training shardings.
+
+Outputs (``EVAL_OUTPUT_DIR``)::
+
+  config.gin                              the gin config of this run
+  step_<N>/<task>/<split>/predictions.jsonl   one line per utterance
+  step_<N>/<task>/<split>/metrics.json        corpus WER/CER (%), S/D/I, losses, speed
+  metrics.jsonl                           one line per scored (step, task, split)
+
+A split already scored with the same decoding settings is skipped (and
+reported from its metrics.json), so rerunning with ``steps="all"`` scores
+only new checkpoints. A summary table goes to the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging as py_logging
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence, Union
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.traverse_util
+import gin
+import jax
+import orbax.checkpoint as ocp
+
+from sld_jax import checkpointing
+from sld_jax import distributed
+from sld_jax import eval_data
+from sld_jax import evaluation
+from sld_jax import gin_utils
+from sld_jax import partitioning
+from sld_jax.lm import SpeechTextLM
+from sld_jax.vocab import VocabLayout
+
+Steps = Union[str, int, Sequence[int]]
+
+# ----------------------------------------------------------------------------
+# Checkpoints: where they are, which steps, parameters only.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLocation:
+  """``directory`` holds step directories; ``step`` is set for a step dir."""
+
+  directory: str
+  step: Optional[int] = None
+
+
+def locate_checkpoints(path: str) -> CheckpointLocation:
+  """MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step>.
+
+  Raises:
+    FileNotFoundError: the path is missing or holds no checkpoint.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  expected = (f"expected a MODEL_DIR holding {checkpointing.CHECKPOINT_SUBDIR}/<step>/ "
+              "(written by sld_jax.train), its checkpoints directory, or a step directory")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"CHECKPOINT_PATH {path} does not exist or is not a directory; "
+                            f"{expected}")
+  location = CheckpointLocation(path)
+  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_SUBDIR)):
+    location = CheckpointLocation(os.path.join(path, checkpointing.CHECKPOINT_SUBDIR))
+  elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+    location = CheckpointLocation(os.path.dirname(path), int(os.path.basename(path)))
+  with contextlib.closing(_manager(location.directory)) as manager:
+    steps = manager.all_steps()
+  if not steps:
+    found = sorted(os.listdir(location.directory))[:10]
+    raise FileNotFoundError(f"no checkpoints in {location.directory} (found {found}); "
+                            f"{expected}")
+  if location.step is not None and location.step not in steps:
+    raise FileNotFoundError(f"{path} is not a complete checkpoint; complete steps in "
+                            f"{location.directory}: {sorted(steps)}")
+  return location
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory,
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0, max_to_keep=None))
+
+
+def select_steps(location: CheckpointLocation, steps: Steps = "latest") -> list[int]:
+  """The steps to score: "latest", "all", a step or a list of steps."""
+  with contextlib.closing(_manager(location.directory)) as manager:
+    available = sorted(manager.all_steps())
+  if location.step is not None:
+    return [location.step]
+  if steps == "latest":
+    return available[-1:]
+  if steps == "all":
+    return available
+  wanted = [steps] if isinstance(steps, int) else list(steps)
+  missing = [s for s in wanted if s not in available]
+  if missing or not wanted or not all(isinstance(s, int) for s in wanted):
+    raise ValueError(f"evaluate.steps={steps!r}: want \"latest\", \"all\" or steps among "
+                     f"{available} in {location.directory}")
+  return sorted(wanted)
+
+
+def _listed(lines: list[str], most: int) -> list[str]:
+  return lines[:most] + ([f"... and {len(lines) - most} more"] if len(lines) > most else [])
+
+
+def check_params_match(saved: Any, abstract: Any, where: str, model_info: str) -> None:
+  """Raises if the checkpoint's parameter names or shapes differ from the model's."""
+  saved = flax.traverse_util.flatten_dict(saved, sep="/")
+  wanted = flax.traverse_util.flatten_dict(abstract, sep="/")
+  vocabulary_first = lambda name: (not name.startswith(("token_embedder", "logits")), name)
+  problems = _listed([f"{name}: in the model, not in the checkpoint"
+                     for name in sorted(set(wanted) - set(saved))], 4)
+  problems += _listed([f"{name}: in the checkpoint, not in the model"
+                      for name in sorted(set(saved) - set(wanted))], 4)
+  problems += _listed([f"{name}: checkpoint {list(saved[name].shape)}, model "
+                      f"{list(wanted[name].shape)}"
+                      for name in sorted(set(saved) & set(wanted), key=vocabulary_first)
+                      if tuple(saved[name].shape) != tuple(wanted[name].shape)], 6)
+  if problems:
+    shown = "\n  ".join(problems)
+    raise ValueError(
+        f"checkpoint {where} does not fit the configured model ({model_info}):\n  {shown}"
+        "\nEvaluate with the gin file (model size, task/vocabulary) the checkpoint was trained "
+        "with; MODEL_DIR/config.gin holds its operative config.")
+
+
+def _training_layout(source: Any) -> Optional[VocabLayout]:
+  """The layout of the data a checkpoint was trained on, if it can be known cheaply."""
+  if not isinstance(source, dict):
+    return None
+  if source.get("kind") == "synthetic":
+    return VocabLayout(source["text_size"], source["speech_size"])
+  if source.get("kind") == "seqio":
+    import tasks  # pylint: disable=g-import-not-at-top
+    from sld_jax.speech import prepare  # pylint: disable=g-import-not-at-top
+    try:
+      directory = tasks.prepared_dir(source["task"])
+    except ValueError:
+      return None
+    if prepare.is_prepared(directory):   # never prepares data just for this check
+      metadata = prepare.load_metadata(directory)
+      return VocabLayout(metadata["text_size"], metadata["speech_size"])
+  return None
+
+
+def restore_params(location: CheckpointLocation, step: int, abstract: Any, layout: VocabLayout,
+                   model_info: str, eval_tasks: Sequence[str]) -> Any:
+  """Reads only ``state.params`` of ``step`` into the shardings of ``abstract``.
+
+  Raises:
+    ValueError: the parameter tree differs from the model's, or the
+      checkpoint was trained on data with another vocabulary layout.
+  """
+  with contextlib.closing(_manager(location.directory)) as manager:
+    return _restore_params(manager, location, step, abstract, layout, model_info, eval_tasks)
+
+
+def _restore_params(manager, location, step, abstract, layout, model_info, eval_tasks):
+  where = os.path.join(location.directory, str(step))
+  metadata = manager.item_metadata(step)
+  state_metadata = getattr(metadata["state"], "tree", metadata["state"])
+  if not isinstance(state_metadata, dict) or "params" not in state_metadata:
+    raise ValueError(f"checkpoint {where} has no state/params (found "
+                     f"{sorted(state_metadata) if isinstance(state_metadata, dict) else None})")
+  check_params_match(state_metadata["params"], abstract, where, model_info)
+  position = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+  source = (position or {}).get("source")
+  trained = _training_layout(source)
+  if trained is not None and trained != layout:
+    raise ValueError(
+        f"checkpoint {where} was trained on {source} with vocabulary {trained}, but the "
+        f"eval task(s) {list(eval_tasks)} use {layout}: hypotheses would be decoded with the "
+        "wrong vocabulary")
+  if isinstance(source, dict) and source.get("kind") == "seqio" and (
+      source.get("task") not in eval_tasks):
+    logging.warning("checkpoint %s was trained on task %s; evaluating on %s", where,
+                    source.get("task"), list(eval_tasks))
+  item = {"params": abstract}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  logging.info("Restored the parameters of step %d from %s", step, location.directory)
+  return restored.state["params"]
+
+
+# ----------------------------------------------------------------------------
+# The evaluation run.
+# ----------------------------------------------------------------------------
+
+
+def _macro(name: str) -> Any:
+  """A gin macro's value, or None when the config does not define it."""
+  try:
+    return gin.query_parameter(f"%{name}")
+  except ValueError:
+    return None
+
+
+def _required_macro(name: str, example: str) -> Any:
+  value = _macro(name)
+  if value is None or isinstance(value, gin.config.ConfigurableReference):
+    raise ValueError(f"the gin macro {name} is required: pass --gin.{name}={example}")
+  return value
+
+
+def _split_settings(decoding_config: evaluation.DecodingConfig, **extra) -> dict[str, Any]:
+  return {**decoding_config.describe(), **extra}
+
+
+def _already_scored(directory: str, settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+  path = os.path.join(directory, evaluation.METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    metrics = json.load(f)
+  same = all(metrics.get(k) == v for k, v in settings.items())
+  return metrics if same else None
+
+
+def evaluate(checkpoint_path: str, output_dir: str, *,
+             task_names: Optional[Sequence[str]] = None,
+             splits: Optional[Sequence[str]] = None,
+             steps: Steps = "latest",
+             batch_size: Optional[int] = None,
+             sequence_length: Optional[int] = None,
+             decoding_config: Optional[evaluation.DecodingConfig] = None,
+             model: Callable[..., SpeechTextLM] = SpeechTextLM,
+             mesh: Optional[jax.sharding.Mesh] = None,
+             logical_axis_rules: Optional[partitioning.LogicalRules] = None,
+             max_batches: Optional[int] = None,
+             lowercase: bool = True,
+             teacher_forced: bool = True,
+             rescore: bool = False,
+             progress: bool = True) -> list[dict[str, Any]]:
+  """Scores checkpoint steps on eval splits; returns one metrics row per split.
+
+  Args:
+    checkpoint_path: MODEL_DIR, its checkpoints dir, or a step dir.
+    output_dir: where results go (module docstring).
+    task_names: default: ``[TASK]`` from the experiment's gin config.
+    splits: default: every split of each task but "train".
+    steps: "latest", "all", a step or a list of steps.
+    batch_size: global rows per batch; default the ``BATCH_SIZE`` macro.
+    sequence_length: longest example in tokens; default ``SEQUENCE_LENGTH``.
+    decoding_config: default ``DecodingConfig()`` (gin-configured).
+    model: ``model(layout) -> SpeechTextLM`` (gin-configured, as in training).
+    mesh / logical_axis_rules: default ``partitioning.make_mesh()`` /
+      ``partitioning.logical_axis_rules()`` (gin-configured, as in training).
+    max_batches: score only the first batches of each split.
+    lowercase: lower-case texts before WER/CER.
+    teacher_forced: also compute teacher-forced losses.
+    rescore: score splits even if already scored with the same settings.
+    progress: show progress bars.
+  """
+  import tasks  # pylint: disable=g-import-not-at-top  (registers the tasks; TensorFlow)
+  location = locate_checkpoints(checkpoint_path)
+  step_list = select_steps(location, steps)
+  if not task_names and _macro("TASK") is None:
+    raise ValueError("sld_jax.eval scores the splits of seqio tasks, and this gin config "
+                     "defines no TASK macro (generated data has no eval splits; its dev WER "
+                     "comes from training's evaluation.DecodingEvaluator). Pass "
+                     "--gin.TASK=\\\"task_name\\\" or --gin.evaluate.task_names=[...]")
+  task_names = list(task_names or [_macro("TASK")])
+  batch_size = batch_size or _required_macro("BATCH_SIZE", "64")
+  sequence_length = sequence_length or _required_macro("SEQUENCE_LENGTH", "1024")
+  decoding_config = decoding_config or evaluation.DecodingConfig()
+  mesh = partitioning.make_mesh() if mesh is None else mesh
+  rules = partitioning.logical_axis_rules() if logical_axis_rules is None else logical_axis_rules
+
+  layouts = {name: tasks.get_layout(name) for name in task_names}
+  if len(set(layouts.values())) != 1:
+    raise ValueError(f"the eval tasks have different vocabulary layouts {layouts}; one model "
+                     "reads one layout: evaluate them separately")
+  layout = layouts[task_names[0]]
+  lm = model(layout)
+  model_info = f"{lm.config}, vocabulary {layout} of task(s) {task_names}"
+  abstract, shardings = evaluation.abstract_params(lm, mesh, rules)
+  scorer = evaluation.Scorer(lm, mesh, rules, shardings, decoding_config)
+
+  pairs = [(name, split) for name in task_names
+           for split in (splits or eval_data.eval_splits(name))]
+  for name, split in pairs:
+    eval_data.check_split(name, split)
+  data = {}
+
+  def split_data(name: str, split: str):
+    """The split's batches and detokenizer, read once on first use."""
+    if (name, split) not in data:
+      data[(name, split)] = (eval_data.task_eval_batches(
+          name, split, sequence_length=sequence_length, batch_size=batch_size,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          max_batches=max_batches), eval_data.task_detokenizer(name))
+    return data[(name, split)]
+
+  is_primary = jax.process_index() == 0
+  if is_primary:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, gin_utils.CONFIG_FILENAME), "w") as f:
+      f.write(gin.config_str())
+  rows = []
+  for step in step_list:
+    settings = _split_settings(decoding_config, step=step, max_batches=max_batches,
+                               sequence_length=sequence_length, lowercase=lowercase)
+    pending = {}
+    for name, split in pairs:
+      directory = os.path.join(output_dir, f"step_{step}", name, split)
+      previous = None if rescore else _already_scored(directory, settings)
+      if previous is not None:
+        logging.info("step %d %s/%s already scored in %s; skipping", step, name, split,
+                     directory)
+        rows.append(previous)
+      else:
+        pending[(name, split)] = directory
+    if not pending:
+      continue
+    params = restore_params(location, step, abstract, layout, model_info, task_names)
+    for (name, split), directory in pending.items():
+      batches, detokenize = split_data(name, split)
+      score = evaluation.score_batches(
+          scorer, params, batches, detokenize, name=f"step {step} {name}/{split}",
+          lowercase=lowercase, teacher_forced=teacher_forced, progress=progress)
+      extra = {**settings, "task": name, "split": split,
+               "checkpoint": os.path.join(location.directory, str(step))}
+      evaluation.write_split(directory, score, extra)
+      row = {**extra, **score.metrics}
+      rows.append(row)
+      if is_primary:
+        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+          f.write(json.dumps(row, default=float) + "\n")
+    del params
+  if is_primary:
+    print(evaluation.summary_table(rows), flush=True)
+  return rows
+
+
+# ----------------------------------------------------------------------------
+# The main.
+# ----------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags (defined by ``run``, so importing this module defines none)."""
+  flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order.")
+  flags.DEFINE_multi_string(
+      "gin_bindings", [], "Gin bindings, applied after the files; --gin.X=Y is the same as "
+      "--gin_bindings='X = Y'.")
+  flags.DEFINE_multi_string(
+      "gin_search_paths", list(gin_utils.DEFAULT_SEARCH_PATHS),
+      "Directories searched for gin files and their includes.")
+  flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                    "Call jax.distributed.initialize: auto, on or off (sld_jax/distributed.py).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_list("local_device_ids", None, "Devices this process uses (GPU clusters).")
+
+
+# Training-only macros an experiment requires; evaluation never reads them.
+_TRAINING_PLACEHOLDERS = ('MODEL_DIR = "(unused by sld_jax.eval)"', "TRAIN_STEPS = 1")
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps orbax's INFO chatter and gin's resource probing off the console."""
+
+  def filter(self, record):
+    if record.pathname.endswith("gin/resource_reader.py"):
+      return False
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  distributed.initialize(
+      FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+      [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None)
+  configured = gin.configurable("evaluate", module="sld_jax.eval")(evaluate)
+  gin_utils.parse_gin_config(FLAGS.gin_file,
+                             list(_TRAINING_PLACEHOLDERS) + list(FLAGS.gin_bindings),
+                             FLAGS.gin_search_paths)
+  checkpoint_path = _required_macro("CHECKPOINT_PATH", '\\"/path/to/MODEL_DIR\\"')
+  output_dir = _required_macro("EVAL_OUTPUT_DIR", '\\"/path/to/eval\\"')
+  configured(checkpoint_path, output_dir)
+
+
+def run() -> None:
+  define_flags()
+  app.run(main, argv=gin_utils.rewrite_gin_args(sys.argv))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,233 @@
+"""Eval utterances as fixed-shape host batches: prompts, references, sources.
+
+Eval batches are host numpy dicts of unpacked seqio decoder features, one
+utterance per row, a fixed number ``B`` of rows (the last batch is padded
+with all-zero dummy rows, whose results are dropped)::
+
+  decoder_target_tokens  [B, L]  units <speech_end> text <text_end>, 0-padded
+  decoder_input_tokens   [B, L]  the targets shifted right
+  decoder_loss_weights   [B, L]  1 on real tokens; an all-zero row is a dummy
+  speech_length [B], id [B], text [B]   optional passthrough features
+
+Example, ``VocabLayout(text_size=14)`` (<speech_end>=14, unit u -> 15 + u),
+B=3 with one dummy row, L=8::
+
+  targets        [[18, 15, 14,  5,  7,  1,  0,  0],   speech_length [3, 2, 0]
+                  [16, 14,  9,  1,  0,  0,  0,  0],
+                  [ 0,  0,  0,  0,  0,  0,  0,  0]]
+  prompt_lengths [3, 2, 1]                            (dummy rows: 1)
+  make_prompts(..., width=4)
+                 [[18, 15, 14,  0],
+                  [16, 14,  0,  0],
+                  [14,  0,  0,  0]]                   (dummy: just <speech_end>)
+  reference_ids  [5, 7] and [9]   (used only when there is no ``text``)
+
+Prompts are padded to a power-of-two bucket (``prompt_bucket``, >= 16) so
+that decoding compiles once per bucket, not once per batch.
+
+Sources: a seqio task split (``task_eval_batches``, with ids and reference
+texts) or a training pipeline's dev source (``source_eval_data``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from sld_jax import input_pipeline
+from sld_jax.vocab import VocabLayout
+
+HostBatch = dict[str, np.ndarray]
+Detokenizer = Callable[[Sequence[int]], str]
+MIN_PROMPT_BUCKET = 16
+MODEL_FEATURES = input_pipeline.FEATURES
+
+
+def as_str(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """[B] bool: rows holding an utterance (dummy padding rows have no weight)."""
+  return np.asarray(batch["decoder_loss_weights"]).any(axis=1)
+
+
+def prompt_lengths(batch: Mapping[str, np.ndarray], layout: VocabLayout,
+                   where: str = "batch") -> np.ndarray:
+  """[B] prompt lengths (units + <speech_end>); 1 for dummy rows.
+
+  Raises:
+    ValueError: a real row has no <speech_end>, or disagrees with its
+      ``speech_length`` feature.
+  """
+  targets = np.asarray(batch["decoder_target_tokens"])
+  real = real_rows(batch)
+  is_end = targets == layout.speech_end_id
+  lengths = np.argmax(is_end, axis=1).astype(np.int32) + 1
+  for row in np.flatnonzero(real & ~is_end.any(axis=1)):
+    raise ValueError(
+        f"{where}: row {row} ({row_name(batch, row)}) has no <speech_end> "
+        f"(id {layout.speech_end_id}) in decoder_target_tokens; expected "
+        f"`units <speech_end> text <text_end>`, got {targets[row][:12].tolist()}...")
+  if "speech_length" in batch:
+    given = np.asarray(batch["speech_length"])
+    for row in np.flatnonzero(real & (given != lengths)):
+      raise ValueError(
+          f"{where}: row {row} ({row_name(batch, row)}) has speech_length "
+          f"{given[row]} but its first <speech_end> is at position {lengths[row] - 1}")
+  return np.where(real, lengths, 1).astype(np.int32)
+
+
+def row_name(batch: Mapping[str, np.ndarray], row: int) -> str:
+  return f"id {as_str(batch['id'][row])!r}" if "id" in batch else "no id"
+
+
+def prompt_bucket(length: int, limit: int) -> int:
+  """Power of two >= ``length`` (at least 16), at most ``limit``."""
+  return min(max(MIN_PROMPT_BUCKET, 1 << max(int(length) - 1, 0).bit_length()), limit)
+
+
+def make_prompts(batch: Mapping[str, np.ndarray], lengths: np.ndarray, width: int,
+                 layout: VocabLayout) -> np.ndarray:
+  """[B, width] prompts: targets before ``lengths``, 0 after; dummy rows ``[<speech_end>]``."""
+  targets = np.asarray(batch["decoder_target_tokens"])[:, :width]
+  targets = np.pad(targets, ((0, 0), (0, width - targets.shape[1])))
+  prompts = np.where(np.arange(width)[None, :] < lengths[:, None], targets, 0)
+  prompts[~real_rows(batch), 0] = layout.speech_end_id
+  return prompts.astype(np.int32)
+
+
+def reference_ids(targets: np.ndarray, prompt_length: int, layout: VocabLayout) -> list[int]:
+  """The transcript ids of one target row: after the prompt, before <text_end>."""
+  text = targets[prompt_length:]
+  end = np.flatnonzero(text == layout.eos_id)
+  return text[:end[0] if end.size else len(text)].tolist()
+
+
+def unpack_rows(batches: Iterable[Mapping[str, np.ndarray]], rows: int) -> list[HostBatch]:
+  """Packed rows (several ``decoder_segment_ids``) -> one utterance per row.
+
+  Batches without segment ids are returned as they are. The utterances are
+  re-batched into ``rows`` rows, the last batch padded with dummy rows.
+  """
+  batches = list(batches)
+  if not batches or "decoder_segment_ids" not in batches[0]:
+    return [dict(b) for b in batches]
+  sequences = []
+  for batch in batches:
+    targets, segments = batch["decoder_target_tokens"], batch["decoder_segment_ids"]
+    for row in range(targets.shape[0]):
+      for segment in np.unique(segments[row][segments[row] > 0]):
+        sequences.append(targets[row][segments[row] == segment])
+  length = batches[0]["decoder_target_tokens"].shape[1]
+  out = []
+  for start in range(0, len(sequences), rows):
+    chunk = sequences[start:start + rows]
+    batch = {name: np.zeros((rows, length), np.int32) for name in MODEL_FEATURES[:3]}
+    for row, sequence in enumerate(chunk):
+      batch["decoder_target_tokens"][row, :len(sequence)] = sequence
+      batch["decoder_input_tokens"][row, 1:len(sequence)] = sequence[:-1]
+      batch["decoder_loss_weights"][row, :len(sequence)] = 1
+    out.append(batch)
+  return out
+
+
+def ids_as_words(ids: Sequence[int]) -> str:
+  """Detokenizer for data without a text model: ``[5, 7] -> "5 7"``."""
+  return " ".join(str(int(i)) for i in ids)
+
+
+# Sources.
+
+
+def eval_splits(task_name: str) -> list[str]:
+  """Every split of a registered task except the training ones."""
+  return [s for s in _task(task_name).splits if not s.startswith("train")]
+
+
+def _task(task_name: str):
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  try:
+    return seqio.get_mixture_or_task(task_name)
+  except ValueError as e:
+    known = sorted(n for n in seqio.TaskRegistry.names() if n.startswith("sld_"))
+    raise ValueError(f"unknown task {task_name!r}; registered sld tasks: {known}") from e
+
+
+def check_split(task_name: str, split: str) -> None:
+  splits = list(_task(task_name).splits)
+  if split not in splits:
+    raise ValueError(f"task {task_name!r} has no split {split!r}; its splits are {splits}")
+
+
+def task_detokenizer(task_name: str) -> Detokenizer:
+  """The task's text vocabulary decoder (drops non-text ids, stops at <text_end>)."""
+  vocabulary = _task(task_name).output_features["targets"].vocabulary
+  return lambda ids: vocabulary.decode([int(i) for i in ids])
+
+
+def task_eval_batches(task_name: str, split: str, *, sequence_length: int, batch_size: int,
+                      process_index: int = 0, process_count: int = 1,
+                      max_batches: Optional[int] = None) -> list[HostBatch]:
+  """One unshuffled pass over a task split, unpacked, with passthrough features.
+
+  ``batch_size`` is global; this process reads its shard of the examples in
+  ``batch_size / process_count`` rows per batch, the last batch padded with
+  dummy rows; every process returns the same number of batches. Examples
+  longer than ``sequence_length`` are filtered by the task (with a logged
+  count).
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top
+  check_split(task_name, split)
+  rows = input_pipeline.host_batch_size(batch_size, process_count)
+  dataset = tasks.get_dataset(task_name, split, sequence_length, rows, pack=False,
+                              shuffle=False, seed=None,
+                              shard_info=seqio.ShardInfo(process_index, process_count),
+                              num_epochs=1, drop_remainder=False)
+  batches = []
+  for batch in dataset.as_numpy_iterator():
+    batch = {k: (np.asarray(v, np.int32) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
+             for k, v in batch.items()}
+    batches.append(input_pipeline.pad_rows(batch, rows))
+    if max_batches is not None and len(batches) == max_batches:
+      break
+  count = len(batches)
+  if process_count > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    count = int(np.max(multihost_utils.process_allgather(np.array(count))))
+  if not batches:
+    raise ValueError(
+        f"task {task_name!r} split {split!r} has no examples of at most {sequence_length} "
+        f"tokens" + (f" for process {process_index} of {process_count}; use fewer processes"
+                     if process_count > 1 else ""))
+  batches += [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (count - len(batches))
+  return batches
+
+
+def source_eval_data(source: input_pipeline.BatchSource, max_batches: Optional[int] = None
+                     ) -> tuple[list[HostBatch], Detokenizer, str]:
+  """``(batches, detokenize, name)`` of a training pipeline's dev source.
+
+  A ``SeqioSource`` is read with its passthrough features (ids, reference
+  text) and decoded with the task's vocabulary; other sources (synthetic)
+  are unpacked into one utterance per row and their ids printed as words.
+  """
+  index, count = jax.process_index(), jax.process_count()
+  if isinstance(source, input_pipeline.SeqioSource):
+    batches = task_eval_batches(source.task_name, source.split,
+                                sequence_length=source.sequence_length,
+                                batch_size=source.global_batch_size, process_index=index,
+                                process_count=count, max_batches=max_batches)
+    return (batches, task_detokenizer(source.task_name),
+            f"{source.task_name}/{source.split}")
+  rows = input_pipeline.host_batch_size(source.global_batch_size, count)
+  batches = unpack_rows(source.eval_batches(index, count, max_batches), rows)
+  if count > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    most = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
+    batches += [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (most - len(batches))
+  return batches, ids_as_words, type(source).__name__

@@ -1,0 +1,457 @@
+"""Sharded training: state from an abstract init, a jitted step, the loop.
+
+``Trainer`` holds what is compiled once per run (MaxText style):
+
+  abstract state  ``jax.eval_shape`` of the boxed init -> logical axes
+                  -> ``NamedSharding``s (``sld_jax.partitioning``)
+  state           initialised straight into those shardings, or restored
+                  into them from a checkpoint (any mesh shape)
+  train step      ``jax.jit(step, in_shardings=(state, batch),
+                  out_shardings=(state, replicated), donate_argnums=0)``
+
+``train`` is the gin-configured loop around it: step-indexed data, logging
+(``MODEL_DIR/metrics.jsonl``, TensorBoard, a console line with ETA),
+periodic evaluation through ``evaluators``, asynchronous checkpoints, a save
+on SIGTERM/SIGINT, and a stop on a non-finite loss that keeps the last good
+checkpoint.
+
+Randomness is a function of the step: the step's key is
+``fold_in(train_key, step)``, microbatch ``a`` uses ``fold_in(step_key, a)``,
+and ``SpeechTextLM.loss_fn`` folds dropout and time-masking keys from that.
+A resumed run therefore repeats the original run's randomness exactly.
+
+Gradient accumulation scans over microbatches inside the step (only one
+microbatch's activations are live at a time, unlike ``optax.MultiSteps``,
+which would need a step per microbatch and keep a copy of the gradients in
+the optimizer state). The batch of ``B`` rows becomes ``A`` microbatches of
+``B/A`` rows, microbatch ``a`` taking rows ``a, a + A, a + 2A, ...`` so each
+device keeps working on its own rows::
+
+  rows       0 1 2 3 4 5 6 7       (B=8, A=2, 2 batch shards: rows 0-3 | 4-7)
+  micro 0    0   2   4   6         shard 0 has 0 2 | shard 1 has 4 6
+  micro 1      1   3   5   7       shard 0 has 1 3 | shard 1 has 5 7
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from absl import logging
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+import optax
+
+from sld_jax import checkpointing
+from sld_jax import gin_utils
+from sld_jax import input_pipeline
+from sld_jax import metrics_writer
+from sld_jax import optim
+from sld_jax import partitioning
+from sld_jax.lm import SpeechTextLM
+from sld_jax.train_state import TrainState, param_count
+
+Evaluator = Callable[[TrainState, int], Mapping[str, Any]]
+EvaluatorFactory = Callable[["Trainer"], Evaluator]
+
+
+def split_microbatches(x: jax.Array, count: int) -> jax.Array:
+  """``[B, ...] -> [count, B / count, ...]``; microbatch ``a`` = rows ``a::count``."""
+  rows = x.shape[0]
+  if rows % count:
+    raise ValueError(f"batch of {rows} rows does not split into {count} microbatches")
+  return x.reshape((rows // count, count) + x.shape[1:]).swapaxes(0, 1)
+
+
+class Trainer:
+  """Sharded state and compiled steps for one model, optimizer and mesh."""
+
+  def __init__(self, model: SpeechTextLM, optimizer: optax.GradientTransformation,
+               learning_rate: optim.Schedule, mesh: jax.sharding.Mesh,
+               rules: partitioning.LogicalRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+               seed: int = 0, gradient_accumulation_steps: int = 1,
+               compiler_options: Optional[Mapping[str, Any]] = None):
+    """See ``train`` for the arguments; ``compiler_options`` go to every ``jax.jit``."""
+    if gradient_accumulation_steps < 1:
+      raise ValueError(
+          f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    self.model = model
+    self.optimizer = optimizer
+    self.learning_rate = learning_rate
+    self.mesh = mesh
+    self.rules = tuple(rules)
+    self.seed = seed
+    self.gradient_accumulation_steps = gradient_accumulation_steps
+    self.init_key, self.train_key = jax.random.split(jax.random.key(seed))
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.batch_sharding = partitioning.data_sharding(mesh)
+
+    with self.context():
+      boxed = jax.eval_shape(self._init_boxed, self.init_key)
+      self.state_shardings = partitioning.logical_shardings(boxed, mesh, self.rules)
+    self.abstract_state = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nn.meta.unbox(boxed), self.state_shardings)
+    self.num_params = param_count(self.abstract_state.params)
+
+    jit = functools.partial(jax.jit, compiler_options=compiler_options)
+    self._init = jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)),
+                     out_shardings=self.state_shardings)
+    self._train_step = jit(
+        self._step, in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+    self._eval_step = jit(
+        self._eval_sums, in_shardings=(self.state_shardings.params, self.batch_sharding),
+        out_shardings=self.replicated)
+
+  def context(self):
+    """The mesh and logical axis rules; programs are traced and run inside it."""
+    return partitioning.sharding_context(self.mesh, self.rules)
+
+  # -- state -----------------------------------------------------------------
+
+  def _init_boxed(self, rng: jax.Array) -> TrainState:
+    return TrainState.create(self.model.init_params(rng), self.optimizer)
+
+  def init_state(self) -> TrainState:
+    """A fresh state, each device allocating only its shards.
+
+    (``partitioning.init_sharded`` in one jit, reusing the shardings derived
+    in ``__init__``.)
+    """
+    with self.context():
+      return self._init(self.init_key)
+
+  # -- steps -----------------------------------------------------------------
+
+  def shard_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays split over ('data', 'fsdp')."""
+    return partitioning.shard_host_batch(host_batch, self.mesh)
+
+  def _gradients(self, params: Any, batch: Mapping[str, jax.Array], step_key: jax.Array):
+    """Gradients and metric sums of the whole batch, over its microbatches."""
+    totals = self.model.target_counts(batch)
+    grad_fn = jax.grad(self.model.microbatch_objective, has_aux=True)
+    count = self.gradient_accumulation_steps
+    if count == 1:
+      return grad_fn(params, batch, jax.random.fold_in(step_key, 0), totals)
+
+    micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, *self.batch_sharding.spec))
+    microbatches = {
+        name: jax.lax.with_sharding_constraint(split_microbatches(x, count), micro_sharding)
+        for name, x in batch.items()}
+
+    def accumulate(carry, xs):
+      index, microbatch = xs
+      out = grad_fn(params, microbatch, jax.random.fold_in(step_key, index), totals)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    zero_grads, zero_sums = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(grad_fn, params, first, step_key, totals))
+    zero_grads = jax.lax.with_sharding_constraint(zero_grads, self.state_shardings.params)
+    (grads, sums), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_sums), (jnp.arange(count), microbatches))
+    return grads, sums
+
+  def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    step_key = jax.random.fold_in(self.train_key, state.step)
+    grads, sums = self._gradients(state.params, batch, step_key)
+    metrics = self.model.from_sums(sums)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = jnp.asarray(self.learning_rate(state.step), jnp.float32)
+    state = state.apply_gradients(grads, self.optimizer)
+    metrics["param_norm"] = optax.global_norm(state.params)
+    return state, metrics
+
+  def _eval_sums(self, params, batch):
+    _, aux = self.model.loss_fn(params, batch)
+    return self.model.to_sums(aux)
+
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update (``state`` is donated: do not reuse it)."""
+    with self.context():
+      return self._train_step(state, batch)
+
+  def evaluate(self, params: Any, host_batches: Iterable[Mapping[str, np.ndarray]]
+               ) -> dict[str, float]:
+    """Teacher-forced metrics over batches (no dropout, no time masking)."""
+    total = None
+    with self.context():
+      for host_batch in host_batches:
+        sums = self._eval_step(params, self.shard_batch(host_batch))
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    if total is None:
+      raise ValueError("evaluate: no batches")
+    return {k: float(v) for k, v in jax.device_get(self.model.from_sums(total)).items()}
+
+
+# ----------------------------------------------------------------------------
+# Evaluators: called as evaluator(state, step) -> {name: scalar}.
+# ----------------------------------------------------------------------------
+
+
+@gin.configurable
+class TeacherForcedEvaluator:
+  """Dev-split losses and accuracies with teacher forcing.
+
+  Gin: ``train.evaluators = [@TeacherForcedEvaluator]``; the trainer calls
+  ``TeacherForcedEvaluator(trainer)`` once, then ``evaluator(state, step)``.
+  The dev batches are read once and kept in host memory.
+  """
+
+  def __init__(self, trainer: Trainer, data: input_pipeline.BatchSource = gin.REQUIRED,
+               max_batches: Optional[int] = None, prefix: str = "dev/"):
+    self.trainer = trainer
+    self.prefix = prefix
+    if data.layout != trainer.model.layout:
+      raise ValueError(
+          f"TeacherForcedEvaluator: dev data layout {data.layout} differs from the "
+          f"model's {trainer.model.layout}")
+    self.batches = data.eval_batches(jax.process_index(), jax.process_count(), max_batches)
+    for index, batch in enumerate(self.batches):
+      trainer.model.check_batch(batch, where=f"dev batch {index}")
+
+  def __call__(self, state: TrainState, step: int) -> dict[str, float]:
+    del step
+    metrics = self.trainer.evaluate(state.params, self.batches)
+    return {self.prefix + name: value for name, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss, gradient norm or parameter norm became NaN/Inf; training stopped."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  step: int
+  last_metrics: dict[str, Any]
+  stopped_early: bool
+
+
+def _fetch_and_check(pending: list[tuple[int, Any]],
+                     checkpointer: checkpointing.Checkpointer) -> list[tuple[int, dict]]:
+  """Brings pending ``(step, metrics)`` to the host; raises on a non-finite value."""
+  fetched = jax.device_get(pending)
+  for step, metrics in fetched:
+    for name in ("loss", "grad_norm", "param_norm"):
+      value = float(metrics[name])
+      if not math.isfinite(value):
+        checkpointer.wait_until_finished()  # saves in flight hold earlier, finite states
+        last = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite {name} ({value}) at step {step}: training stopped. Nothing was "
+            f"saved after it; the last good checkpoint is "
+            f"{'none' if last is None else f'step {last}'} in {checkpointer.directory}. "
+            "Lower the learning rate, enable clipping (make_optimizer.clip_grad_norm) or "
+            "check the data.")
+  return fetched
+
+
+@gin.configurable
+def train(model_dir: str = gin.REQUIRED,
+          total_steps: int = gin.REQUIRED,
+          train_data: input_pipeline.BatchSource = gin.REQUIRED,
+          model: Callable[..., SpeechTextLM] = SpeechTextLM,
+          learning_rate: Callable[..., optim.Schedule] = optim.learning_rate_schedule,
+          optimizer: Callable[..., optax.GradientTransformation] = optim.make_optimizer,
+          mesh: Optional[jax.sharding.Mesh] = None,
+          logical_axis_rules: Optional[partitioning.LogicalRules] = None,
+          seed: int = 0,
+          gradient_accumulation_steps: int = 1,
+          log_every: int = 10,
+          checkpoint_every: int = 1000,
+          keep_checkpoints: Optional[int] = 3,
+          async_checkpointing: bool = True,
+          eval_every: int = 0,
+          evaluators: Sequence[EvaluatorFactory] = (),
+          stop_after_steps: Optional[int] = None,
+          tensorboard: bool = True,
+          compiler_options: Optional[Mapping[str, Any]] = None) -> TrainResult:
+  """Trains to ``total_steps`` optimizer steps, resuming from ``model_dir``.
+
+  Args:
+    model_dir: checkpoints, metrics and the operative config go here. If it
+      holds a checkpoint, training resumes from the latest one.
+    total_steps: the run's total number of steps (the schedule spans them);
+      a resumed run continues up to it.
+    train_data: step-indexed training batches (``input_pipeline``).
+    model: ``model(layout) -> SpeechTextLM`` (gin-configured class).
+    learning_rate: ``learning_rate(total_steps=...) -> schedule``.
+    optimizer: ``optimizer(learning_rate=schedule) -> GradientTransformation``.
+    mesh: the device mesh; default ``partitioning.make_mesh()`` (gin).
+    logical_axis_rules: default ``partitioning.logical_axis_rules()`` (gin).
+    seed: parameter init and the per-step dropout / time-masking keys.
+    gradient_accumulation_steps: microbatches per step (scanned).
+    log_every: steps between metric lines (and host-side NaN checks).
+    checkpoint_every: steps between checkpoints (also saved at the end and
+      on SIGTERM/SIGINT).
+    keep_checkpoints: how many to keep (None = all).
+    async_checkpointing: write checkpoints in the background.
+    eval_every: steps between evaluations (0 = only at the end, if any
+      evaluators are configured).
+    evaluators: factories called once with the ``Trainer``; each returns
+      ``evaluator(state, step) -> {name: scalar}``.
+    stop_after_steps: stop (with a checkpoint) after this many steps of this
+      invocation, e.g. to fit a job time limit; the run is then resumable.
+    tensorboard: also write TensorBoard event files.
+    compiler_options: XLA options for every compiled program (``jax.jit``'s
+      ``compiler_options``), e.g. ``{"xla_gpu_enable_latency_hiding_scheduler":
+      True}``; the tests use ``{"xla_backend_optimization_level": 0}`` on CPU.
+
+  Returns:
+    A ``TrainResult`` with the final state and the last logged metrics.
+
+  Raises:
+    NonFiniteLossError: the loss, gradient norm or parameter norm became NaN/Inf.
+  """
+  if total_steps <= 0:
+    raise ValueError(f"train.total_steps must be > 0, got {total_steps}")
+  for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every)):
+    if value <= 0:
+      raise ValueError(f"train.{name} must be > 0, got {value}")
+  is_primary = jax.process_index() == 0
+  mesh = partitioning.make_mesh() if mesh is None else mesh
+  rules = partitioning.logical_axis_rules() if logical_axis_rules is None else logical_axis_rules
+  lm = model(train_data.layout)
+  schedule = learning_rate(total_steps=total_steps)
+  trainer = Trainer(lm, optimizer(learning_rate=schedule), schedule, mesh, rules, seed=seed,
+                    gradient_accumulation_steps=gradient_accumulation_steps,
+                    compiler_options=compiler_options)
+  logging.info("Model: %s; %.2fM parameters; mesh %s; %d processes", lm.config,
+               trainer.num_params / 1e6, dict(mesh.shape), jax.process_count())
+
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(model_dir, checkpointing.CHECKPOINT_SUBDIR),
+      save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints,
+      async_save=async_checkpointing)
+  train_writer = metrics_writer.MetricsWriter(
+      os.path.join(model_dir, "metrics.jsonl"),
+      os.path.join(model_dir, "tensorboard", "train") if tensorboard else None, is_primary)
+  eval_writer = metrics_writer.MetricsWriter(
+      os.path.join(model_dir, "eval_metrics.jsonl"),
+      os.path.join(model_dir, "tensorboard", "eval") if tensorboard else None, is_primary)
+  preemption = checkpointing.PreemptionHandler()
+
+  try:
+    if checkpointer.latest_step() is not None:
+      state, position = checkpointer.restore(trainer.abstract_state)
+      start_step = int(jax.device_get(state.step))
+      train_data.check_resume(position, start_step)
+      logging.info("Resuming from step %d", start_step)
+    else:
+      state, start_step = trainer.init_state(), 0
+    train_writer.truncate_after(start_step)
+    eval_writer.truncate_after(start_step)
+    built_evaluators = [factory(trainer) for factory in evaluators]
+    gin_utils.write_operative_config(model_dir, is_primary=is_primary)
+
+    result = _loop(trainer, state, start_step, total_steps, train_data, checkpointer,
+                   train_writer, eval_writer, preemption, built_evaluators,
+                   log_every=log_every, eval_every=eval_every,
+                   stop_after_steps=stop_after_steps)
+    gin_utils.write_operative_config(model_dir, is_primary=is_primary)
+    return result
+  finally:
+    checkpointer.close()
+    train_writer.close()
+    eval_writer.close()
+
+
+def _loop(trainer: Trainer, state: TrainState, start_step: int, total_steps: int,
+          data: input_pipeline.BatchSource, checkpointer: checkpointing.Checkpointer,
+          train_writer: metrics_writer.MetricsWriter, eval_writer: metrics_writer.MetricsWriter,
+          preemption: checkpointing.PreemptionHandler, evaluators: list[Evaluator], *,
+          log_every: int, eval_every: int,
+          stop_after_steps: Optional[int]) -> TrainResult:
+  """Steps from ``start_step`` to ``total_steps`` (or the stop step)."""
+  batches = data.batches(start_step, jax.process_index(), jax.process_count())
+  stop_step = total_steps if stop_after_steps is None else min(
+      total_steps, start_step + stop_after_steps)
+  if start_step >= stop_step:
+    logging.warning("Already at step %d (total_steps=%d): no training to do", start_step,
+                    total_steps)
+  pending: list[tuple[int, Any]] = []   # (step, device metrics) not yet on the host
+  last_record: dict[str, Any] = {}
+  # Throughput is measured from ``timed_from`` (after the compiling first step
+  # and after evaluations) to the next log line.
+  timed_from, timed_since, seconds_per_step = None, 0.0, 0.0
+  step = start_step
+
+  def save(force=False) -> bool:
+    if not (force or checkpointer.is_save_step(step)):
+      return False
+    _fetch_and_check(pending, checkpointer)  # never save a non-finite state
+    return checkpointer.save(step, state, data.position(step), force=True)
+
+  def run_evaluators():
+    record = {}
+    for evaluator in evaluators:
+      record.update(evaluator(state, step))
+    if record:
+      eval_writer.write(step, record)
+      logging.info("eval at step %d: %s", step, " ".join(
+          f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+
+  with preemption:
+    while step < stop_step:
+      host_batch = next(batches)
+      trainer.model.check_batch(host_batch, data.sequence_length, where=f"batch of step {step}")
+      state, metrics = trainer.train_step(state, trainer.shard_batch(host_batch))
+      step += 1
+      pending.append((step, metrics))
+      if timed_from is None:
+        jax.block_until_ready(metrics)
+        timed_from, timed_since = step, time.perf_counter()
+
+      if step % log_every == 0 or step == stop_step:
+        fetched = _fetch_and_check(pending, checkpointer)
+        pending = []
+        elapsed = time.perf_counter() - timed_since
+        timed_steps = step - timed_from
+        if timed_steps:
+          seconds_per_step = elapsed / timed_steps
+        tokens = sum(int(m["num_target_tokens"]) for s, m in fetched if s > timed_from)
+        record = dict(fetched[-1][1])
+        record["step_time"] = seconds_per_step
+        record["tokens_per_second"] = tokens / elapsed if timed_steps else 0.0
+        last_record = train_writer.write(step, record)
+        if jax.process_index() == 0:
+          logging.info("%s", metrics_writer.format_progress(
+              step, total_steps, last_record, seconds_per_step))
+        timed_from, timed_since = step, time.perf_counter()
+
+      evaluated = eval_every and step % eval_every == 0 and step < total_steps
+      if evaluated:
+        run_evaluators()
+      if save() or evaluated:  # keep their time out of step_time
+        timed_from, timed_since = step, time.perf_counter()
+      sync_point = step % log_every == 0 or checkpointer.is_save_step(step)
+      if preemption.should_stop(collective=sync_point):
+        logging.warning("Stopping at step %d after %s; saving a checkpoint", step,
+                        preemption.signal_name or "a stop request")
+        break
+
+    save(force=True)
+    if step == total_steps and evaluators:
+      run_evaluators()
+  checkpointer.wait_until_finished()
+  train_writer.flush()
+  eval_writer.flush()
+  return TrainResult(state=state, step=step, last_metrics=last_record,
+                     stopped_early=step < total_steps)

@@ -1,0 +1,210 @@
+"""Every shipped gin file parses; every experiment finalizes and builds its model.
+
+Experiments are parsed like the command line does it (``gin_utils``), with
+their required macros given; then the model, the optimizer and the data
+sources are built from the config. Small models are initialised and run on
+a tiny batch; large ones (GPT-2 small / medium) are only traced with
+``jax.eval_shape``. LibriSpeech experiments get a stand-in vocabulary layout
+of the paper's size (the real one comes from the user's prepared data).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import pytest
+
+from sld_jax import gin_utils
+from sld_jax import input_pipeline
+from sld_jax import lm
+from sld_jax import losses
+from sld_jax import optim
+from sld_jax.vocab import VocabLayout
+
+GIN_DIR = gin_utils.GIN_CONFIGS_DIR
+ALL_FILES = sorted(os.path.relpath(p, gin_utils.REPO_ROOT)
+                   for p in glob.glob(os.path.join(GIN_DIR, "**", "*.gin"), recursive=True))
+EXPERIMENTS = [p for p in ALL_FILES if p.startswith("gin_configs/experiments/")]
+REQUIRED = ('MODEL_DIR="/tmp/unused"', "TRAIN_STEPS=1000",
+            'WAVLM_UNITS_DIR="/tmp/unused_wavlm"', 'HUBERT_UNITS_DIR="/tmp/unused_hubert"')
+# The paper's vocabulary: a text model plus 6000 unit pieces.
+PAPER_LAYOUT = VocabLayout(text_size=1000, speech_size=6000)
+SMALL_LAYOUT = VocabLayout(text_size=40, speech_size=128)
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _includes(path: str) -> set[str]:
+  with open(os.path.join(gin_utils.REPO_ROOT, path)) as f:
+    direct = re.findall(r"^include '([^']+)'", f.read(), re.M)
+  return set(direct).union(*[_includes(p) for p in direct]) if direct else set()
+
+
+def test_shipped_files_are_found():
+  assert "gin_configs/experiments/smoke.gin" in EXPERIMENTS
+  assert {"gin_configs/experiments/librispeech_wavlm_sld.gin",
+          "gin_configs/experiments/librispeech_hubert_sld.gin"} <= set(EXPERIMENTS)
+  for name in ("models/tiny.gin", "models/gpt2_small.gin", "models/gpt2_medium.gin",
+               "objectives/loss_masking.gin", "objectives/multimodal_ce.gin",
+               "objectives/sld.gin", "objectives/sld_reference.gin", "runs/train.gin",
+               "runs/eval.gin"):
+    assert f"gin_configs/{name}" in ALL_FILES, name
+
+
+@pytest.mark.parametrize("path", ALL_FILES)
+def test_every_file_parses(path):
+  gin.parse_config_file(path)
+
+
+def test_every_component_is_finalized_by_some_experiment():
+  used = set().union(*[_includes(p) for p in EXPERIMENTS])
+  unused = [p for p in ALL_FILES if p not in EXPERIMENTS and p not in used]
+  # gpt2_small is a model choice offered to users; its own test is below.
+  assert unused == ["gin_configs/models/gpt2_small.gin"], unused
+
+
+def _gpt2_param_count(layers: int, embed: int, vocab: int, positions: int = 1024) -> int:
+  """Hugging Face GPT-2's count: 12E^2 + 13E per block, tied wte, wpe, ln_f.
+
+  With the GPT-2 text vocabulary (50257) this gives 124.4M and 354.8M for
+  small and medium.
+  """
+  return layers * (12 * embed ** 2 + 13 * embed) + (vocab + positions) * embed + 2 * embed
+
+
+def _tiny_batch(layout: VocabLayout, length: int = 16):
+  source = input_pipeline.SyntheticSource(
+      text_size=layout.text_size, speech_size=layout.speech_size, global_batch_size=2,
+      sequence_length=length, max_units=6)
+  return source.global_batch(0)
+
+
+def _build_and_check_model(layout: VocabLayout, run: bool = False):
+  """Builds SpeechTextLM from the active gin config and traces its loss.
+
+  With ``run`` the parameters are really initialised and the loss computed
+  on a tiny batch; otherwise only shapes are traced (``jax.eval_shape``).
+  """
+  model = lm.SpeechTextLM(layout)
+  assert model.config.vocab_size == layout.size
+  init = lambda key: nn.meta.unbox(model.init_params(key))  # noqa: E731
+  batch = _tiny_batch(layout)
+  params = (jax.jit(init) if run else functools.partial(jax.eval_shape, init))(
+      jax.random.key(0))
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  loss, aux = (jax.jit(model.loss_fn) if run else functools.partial(
+      jax.eval_shape, model.loss_fn))(params, batch, jax.random.key(1))
+  assert loss.shape == () and aux["ce_text"].shape == ()
+  if run:
+    assert np.isfinite(float(loss)) and int(aux["num_text_tokens"]) > 0
+  return model, num_params
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS)
+def test_experiment_finalizes_and_builds(path):
+  gin_utils.parse_gin_config([path], REQUIRED)
+  paper = "librispeech" in path
+  model, num_params = _build_and_check_model(PAPER_LAYOUT if paper else SMALL_LAYOUT,
+                                            run=path.endswith("/smoke.gin"))
+
+  schedule = optim.learning_rate_schedule(total_steps=1000)
+  tx = optim.make_optimizer(learning_rate=schedule)
+  assert callable(tx.init)
+  source = gin.query_parameter("trainer.train.train_data").scoped_configurable_fn()
+  assert isinstance(source, input_pipeline.BatchSource)
+  assert source.global_batch_size == gin.query_parameter("%BATCH_SIZE")
+  assert source.sequence_length == gin.query_parameter("%SEQUENCE_LENGTH")
+  assert source.sequence_length <= model.config.max_length
+  evaluators = gin.query_parameter("trainer.train.evaluators")
+  assert [e.configurable.name for e in evaluators] == ["TeacherForcedEvaluator"]
+
+  if paper:
+    # The released recipe: GPT-2 medium, 64 x 1024, AdamW 3e-4 linear, no
+    # warmup, time masking 0.3, dropout 0.1, SLD knobs 0.008 / 0.1 / 1.
+    config = model.config
+    assert (config.num_layers, config.embed_dim, config.num_heads, config.mlp_dim) == (
+        24, 1024, 16, 4096)
+    assert config.dropout_rate == 0.1 and config.dtype == "bfloat16"
+    assert num_params == _gpt2_param_count(24, 1024, PAPER_LAYOUT.size), num_params
+    assert (source.global_batch_size, source.sequence_length) == (64, 1024)
+    np.testing.assert_allclose([float(schedule(0)), float(schedule(500)), float(schedule(1000))],
+                               [3e-4, 1.5e-4, 0.0], rtol=1e-6, atol=1e-12)
+    assert gin.query_parameter("make_optimizer.clip_grad_norm") is None
+    assert model.time_mask_prob == 0.3
+    method = model.loss_config.method
+    expected = {"_sld.gin": ("sld", "reference"), "_sld_paper.gin": ("sld", "paper"),
+                "_loss_masking.gin": ("loss_masking", "paper"),
+                "_multimodal_ce.gin": ("multimodal_ce", "paper")}
+    suffix = next(s for s in expected if path.endswith(s))
+    assert (method, model.loss_config.kl_target) == expected[suffix]
+    if method == "sld":
+      assert (model.loss_config.alpha, model.loss_config.epsilon,
+              model.loss_config.temperature) == (0.008, 0.1, 1.0)
+    units = "WAVLM" if "wavlm" in path else "HUBERT"
+    import tasks.registry  # pylint: disable=g-import-not-at-top
+    assert tasks.registry.librispeech_prepared_dir() == f"/tmp/unused_{units.lower()}"
+
+
+def test_gpt2_small_model_file_builds():
+  gin.parse_config_files_and_bindings(["gin_configs/models/gpt2_small.gin"], [])
+  model, num_params = _build_and_check_model(PAPER_LAYOUT)
+  assert (model.config.num_layers, model.config.embed_dim) == (12, 768)
+  assert num_params == _gpt2_param_count(12, 768, PAPER_LAYOUT.size), num_params
+
+
+@pytest.mark.parametrize("path, macro", [
+    ("gin_configs/experiments/smoke.gin", "MODEL_DIR"),
+    ("gin_configs/experiments/librispeech_wavlm_sld.gin", "WAVLM_UNITS_DIR"),
+    ("gin_configs/experiments/librispeech_hubert_loss_masking.gin", "TRAIN_STEPS"),
+])
+def test_a_missing_required_macro_fails_loudly(path, macro):
+  bindings = [b for b in REQUIRED if not b.startswith(macro + "=")]
+  with pytest.raises(ValueError, match=rf"{macro}.*--gin\.{macro}="):
+    gin_utils.parse_gin_config([path], bindings)
+
+
+def test_gin_flags_are_rewritten_into_bindings():
+  argv = ["prog", "--gin_file=a.gin", '--gin.MODEL_DIR="/x"', "--gin.decoder_config.size=1"]
+  assert gin_utils.rewrite_gin_args(argv) == [
+      "prog", "--gin_file=a.gin", '--gin_bindings=MODEL_DIR = "/x"',
+      "--gin_bindings=decoder_config.size = 1"]
+  with pytest.raises(ValueError, match="--gin.NAME=VALUE"):
+    gin_utils.rewrite_gin_args(["--gin.TRAIN_STEPS"])
+
+
+def test_a_binding_overrides_the_files_and_the_operative_config_is_written(tmp_path):
+  gin_utils.parse_gin_config(["gin_configs/experiments/smoke.gin"],
+                             [*REQUIRED, "decoder_config.num_layers = 3"])
+  model = lm.SpeechTextLM(SMALL_LAYOUT)
+  assert model.config.num_layers == 3 and model.loss_config == losses.LossConfig(
+      method="sld", alpha=0.008, epsilon=0.1, temperature=1.0, kl_target="paper")
+  path = gin_utils.write_operative_config(str(tmp_path))
+  text = open(path).read()
+  assert "decoder_config.num_layers = 3" in text
+  assert "SpeechTextLM.time_mask_prob = 0.3" in text
+
+
+def test_train_is_configured_by_the_run_file():
+  gin_utils.parse_gin_config(["gin_configs/experiments/smoke.gin"], REQUIRED)
+  assert str(gin.query_parameter("trainer.train.model_dir")) == "%MODEL_DIR"
+  assert str(gin.query_parameter("trainer.train.total_steps")) == "%TRAIN_STEPS"
+  assert gin.query_parameter("%MODEL_DIR") == "/tmp/unused"
+  assert gin.query_parameter("%TRAIN_STEPS") == 1000
+  assert gin.query_parameter("trainer.train.model").configurable.wrapper is lm.SpeechTextLM
+  assert (gin.query_parameter("trainer.train.optimizer").configurable.wrapper
+          is optim.make_optimizer)
+  assert gin.query_parameter("trainer.train.checkpoint_every") == 20
+  schedule = optim.learning_rate_schedule(total_steps=40)
+  assert float(schedule(0)) == 0.0 and float(schedule(4)) == pytest.approx(1e-3)  # warmup

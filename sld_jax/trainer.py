@@ -130,6 +130,14 @@ class Trainer:
     with self.context():
       return self._init(self.init_key)
 
+  def init_state_from_params(self, params: Any) -> TrainState:
+    """A fresh optimizer state around given (e.g. pretrained) ``params``."""
+    with self.context():
+      create = jax.jit(lambda p: TrainState.create(p, self.optimizer),
+                       in_shardings=(self.state_shardings.params,),
+                       out_shardings=self.state_shardings)
+      return create(params)
+
   # -- steps -----------------------------------------------------------------
 
   def shard_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -282,7 +290,8 @@ def train(model_dir: str = gin.REQUIRED,
           evaluators: Sequence[EvaluatorFactory] = (),
           stop_after_steps: Optional[int] = None,
           tensorboard: bool = True,
-          compiler_options: Optional[Mapping[str, Any]] = None) -> TrainResult:
+          compiler_options: Optional[Mapping[str, Any]] = None,
+          init_from: Optional[str] = None) -> TrainResult:
   """Trains to ``total_steps`` optimizer steps, resuming from ``model_dir``.
 
   Args:
@@ -313,6 +322,9 @@ def train(model_dir: str = gin.REQUIRED,
     compiler_options: XLA options for every compiled program (``jax.jit``'s
       ``compiler_options``), e.g. ``{"xla_gpu_enable_latency_hiding_scheduler":
       True}``; the tests use ``{"xla_backend_optimization_level": 0}`` on CPU.
+    init_from: start a fresh run (not a resumed one) from pretrained
+      parameters: a Hugging Face GPT-2 directory or a params checkpoint from
+      ``scripts/convert_gpt2.py`` (``sld_jax.hf_gpt2.init_params_from``).
 
   Returns:
     A ``TrainResult`` with the final state and the last logged metrics.
@@ -354,6 +366,12 @@ def train(model_dir: str = gin.REQUIRED,
       start_step = int(jax.device_get(state.step))
       train_data.check_resume(position, start_step)
       logging.info("Resuming from step %d", start_step)
+    elif init_from:
+      from sld_jax import hf_gpt2  # pylint: disable=g-import-not-at-top
+      logging.info("Initialising parameters from %s", init_from)
+      params = hf_gpt2.init_params_from(init_from, lm.config, train_data.layout,
+                                        shardings=trainer.state_shardings.params)
+      state, start_step = trainer.init_state_from_params(params), 0
     else:
       state, start_step = trainer.init_state(), 0
     train_writer.truncate_after(start_step)

@@ -128,7 +128,9 @@ def test_experiment_finalizes_and_builds(path):
   assert source.sequence_length == gin.query_parameter("%SEQUENCE_LENGTH")
   assert source.sequence_length <= model.config.max_length
   evaluators = gin.query_parameter("trainer.train.evaluators")
-  assert [e.configurable.name for e in evaluators] == ["TeacherForcedEvaluator"]
+  assert [e.configurable.name for e in evaluators] == ["DecodingEvaluator"]
+  dev = gin.query_parameter("evaluation.DecodingEvaluator.data").scoped_configurable_fn()
+  assert isinstance(dev, input_pipeline.BatchSource)
 
   if paper:
     # The released recipe: GPT-2 medium, 64 x 1024, AdamW 3e-4 linear, no

@@ -308,3 +308,35 @@ def test_clear_errors(source, imported, tmp_path):
                            str(tmp_path / "x"))
   with pytest.raises(FileNotFoundError, match="neither a HF GPT-2 directory"):
     hf_gpt2.init_params_from(str(tmp_path), imported[0], layout)
+
+
+def test_trainer_initialised_from_the_checkpoint_starts_from_the_text_model(source, imported):
+  """INIT_FROM: the trainer's step-0 state holds the imported model exactly."""
+  from sld_jax import lm as lm_lib
+  from sld_jax import optim
+  from sld_jax import partitioning
+  from sld_jax import trainer as trainer_lib
+
+  config, params, layout, id_map = imported
+  model = lm_lib.SpeechTextLM(layout, decoder=lambda vocab_size: config.replace(dropout_rate=0.0),
+                              loss_config=losses.LossConfig(method="loss_masking"))
+  schedule = optim.learning_rate_schedule(total_steps=10, peak_value=1e-3)
+  mesh = partitioning.make_mesh(data=-1, devices=jax.devices()[:1])
+  trainer = trainer_lib.Trainer(model, optim.make_optimizer(learning_rate=schedule), schedule,
+                                mesh, partitioning.DEFAULT_LOGICAL_AXIS_RULES)
+  state = trainer.init_state_from_params(
+      hf_gpt2.init_params_from(source["dir"], config, layout,
+                               shardings=trainer.state_shardings.params))
+  assert int(state.step) == 0
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, params)
+
+  gpt2_ids = source["tok"](TEXT).input_ids + [source["eos"]]
+  ours = id_map.to_ours(gpt2_ids).astype(np.int32)
+  batch = {"decoder_input_tokens": ours[None, :-1], "decoder_target_tokens": ours[None, 1:],
+           "decoder_loss_weights": np.ones((1, len(ours) - 1), np.float32)}
+  loss, _ = model.loss_fn(state.params, batch)
+  expected, _ = losses.compute_loss(
+      jnp.asarray(_our_logits(config, params, ours[:-1].tolist())[None]),
+      jnp.asarray(ours[None, 1:]), jnp.ones((1, len(ours) - 1)), layout=layout,
+      method="loss_masking")
+  assert float(loss) == pytest.approx(float(expected), rel=1e-5)

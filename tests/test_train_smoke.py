@@ -59,7 +59,8 @@ def _check_training_outputs(model_dir: str, log: str) -> None:
   evaluations = tiny_train.read_metrics(model_dir, "eval_metrics.jsonl")
   assert [line["step"] for line in evaluations] == [6, 12]
   assert evaluations[-1]["dev/loss"] < evaluations[0]["dev/loss"]
-  assert evaluations[-1]["dev/num_text_tokens"] > 0
+  assert evaluations[-1]["dev/num_utterances"] > 0
+  assert 0 <= evaluations[-1]["dev/wer"]
 
   assert os.listdir(os.path.join(model_dir, "checkpoints")) == [str(STEPS)]
   assert glob.glob(os.path.join(model_dir, "tensorboard", "train", "events.out.tfevents.*"))

@@ -18,7 +18,10 @@ should agree (reported; float rounding can flip a near-tie).
             decodes; ``torch.set_num_threads(--torch_threads)``
 
 Calls alternate (sld_jax, generate, sld_jax, ...) after one warm-up call each
-(sld_jax compiles there); utterances/s = batch size / median call time.
+(sld_jax compiles there); utterances/s = batch size / median call time. The
+prompt pass alone is timed the same way (sld_jax: ``--max_new_tokens 1``
+decoding, i.e. prefill + the first token; generate: ``max_new_tokens=1``), so
+the table splits each call into prefill and the cached steps.
 
   python benchmarks/decode_vs_generate.py                  # tiny, ~1 min
   python benchmarks/decode_vs_generate.py --size gpt2_small --text_size 50259 \
@@ -140,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     mask[row, longest - len(prompt):] = 1
 
   decode = sld_jax_decoder(module, layout, args.batch_size, cache_length, args.max_new_tokens)
+  decode_first = sld_jax_decoder(module, layout, args.batch_size, cache_length, 1)
   with tempfile.TemporaryDirectory() as directory:
     hf_gpt2.export_hf_gpt2(params, config, layout, directory)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory)
@@ -150,13 +154,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   def run_sld_jax():
     return np.asarray(jax.block_until_ready(decode(params, right, lengths)))
 
-  def run_generate():
+  def run_generate(max_new_tokens=args.max_new_tokens):
     with torch.inference_mode():
       out = hf_model.generate(
-          **hf_inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+          **hf_inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
           do_sample=False, num_beams=1, use_cache=True, pad_token_id=PAD_ID,
           logits_processor=processors)
     return out[:, longest:].numpy()
+
+  def run_sld_jax_prefill():
+    return np.asarray(jax.block_until_ready(decode_first(params, right, lengths)))
+
+  def run_generate_prefill():
+    return run_generate(1)
 
   start = time.perf_counter()
   jax_tokens = run_sld_jax()
@@ -164,13 +174,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   start = time.perf_counter()
   hf_tokens = run_generate()
   hf_first = time.perf_counter() - start
+  run_sld_jax_prefill()
+  run_generate_prefill()
   if hf_tokens.shape != jax_tokens.shape:
     raise AssertionError(f"generate returned {hf_tokens.shape}, sld_jax {jax_tokens.shape}")
 
-  times = {"sld_jax": [], "generate": []}
+  times = {"sld_jax": [], "generate": [], "sld_jax prefill": [], "generate prefill": []}
   load_start = os.getloadavg()[0]
   for rep in range(args.reps):
-    order = (("sld_jax", run_sld_jax), ("generate", run_generate))
+    order = (("sld_jax", run_sld_jax), ("generate", run_generate),
+             ("sld_jax prefill", run_sld_jax_prefill), ("generate prefill", run_generate_prefill))
     for name, fn in (order if rep % 2 == 0 else order[::-1]):
       time.sleep(0.2)  # let the other runtime's worker threads go idle
       start = time.perf_counter()
@@ -190,12 +203,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   print("| implementation | utterances/s | vs generate | median call (s) | "
         "ms per generated token (batch) | first call (s) | calls (s) |")
   print("|---|---|---|---|---|---|---|")
-  base = statistics.median(times["generate"])
-  for name, first in (("sld_jax", jax_first), ("generate", hf_first)):
+  for name, first in (("sld_jax", jax_first), ("generate", hf_first),
+                      ("sld_jax prefill", None), ("generate prefill", None)):
+    base = statistics.median(times["generate prefill" if "prefill" in name else "generate"])
     median = statistics.median(times[name])
+    tokens = 1 if "prefill" in name else args.max_new_tokens
     print(f"| {name} | {args.batch_size / median:,.1f} | {base / median:.2f}x | {median:.3f} | "
-          f"{1000 * median / args.max_new_tokens:.1f} | {first:.1f} | "
+          f"{1000 * median / tokens:.1f} | {'-' if first is None else f'{first:.1f}'} | "
           f"{[round(t, 3) for t in times[name]]} |")
+  steps = {name: statistics.median(times[name]) - statistics.median(times[name + " prefill"])
+           for name in ("sld_jax", "generate")}
+  print()
+  print(f"cached steps only ({args.max_new_tokens - 1} per call, call minus prefill): "
+        f"sld_jax {1000 * steps['sld_jax'] / max(args.max_new_tokens - 1, 1):.1f} ms/step, "
+        f"generate {1000 * steps['generate'] / max(args.max_new_tokens - 1, 1):.1f} ms/step "
+        f"({steps['generate'] / max(steps['sld_jax'], 1e-9):.1f}x)")
   print()
   print("command: python " + " ".join(["benchmarks/decode_vs_generate.py"] + sys.argv[1:]))
 

@@ -16,7 +16,9 @@ time (``lower().compile()``) so that its memory can be read:
 The steps are timed round-robin (LM, MCE, SLD, ..., then the next round) on
 one training state passed from step to step (the objectives share the state
 structure), so that load changes on this machine hit every objective alike;
-the table shows median step times and the ratio to Multimodal CE.
+the table shows median step times and, per objective, the median over rounds
+of its step time divided by Multimodal CE's in the same round (robust to the
+load drifting between rounds).
 
   python benchmarks/objective_overhead.py                 # ~5 min on 2 cores
   python benchmarks/objective_overhead.py --length 1024 --rounds 8
@@ -157,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"packed rows [{args.rows}, {args.length}], {tokens:.0f} real target tokens per step; "
         f"{args.rounds} timed rounds")
   print()
-  print("| objective | median step (s) | vs multimodal_ce | temp memory (MiB) | "
+  print("| objective | median step (s) | vs multimodal_ce (median of per-round ratios) | "
+        "temp memory (MiB) | "
         "materialised [.., K] buffers: count / MiB | [.., V] buffers: count / MiB | "
         "steps (s) |")
   print("|---|---|---|---|---|---|---|")
@@ -165,7 +168,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   for name in names:
     median = statistics.median(times[name])
     info = analysis[name]
-    ratio = f"{median / base:.3f}" if base else "-"
+    ratio = "-"
+    if base:
+      ratio = f"{statistics.median(t / b for t, b in zip(times[name], times['multimodal_ce'])):.3f}"
     print(f"| {name} | {median:.3f} | {ratio} | {info['temp_bytes'] / 2**20:,.1f} | "
           f"{info['units']['count']} / {info['units']['bytes'] / 2**20:,.1f} | "
           f"{info['vocab']['count']} / {info['vocab']['bytes'] / 2**20:,.1f} | "

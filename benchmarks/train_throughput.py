@@ -37,9 +37,10 @@ own), ``--runs`` times, interleaved (A B C, then C B A, ...). A run warms up
 The table shows the median over runs. torch uses ``--torch_threads`` (2)
 threads; jax uses XLA's default CPU client.
 
-  python benchmarks/train_throughput.py                      # tiny, ~4 min
-  python benchmarks/train_throughput.py --sizes gpt2_small --sequences_per_step 2 \
-      --steps 3 --runs 2                                     # ~15 min
+  python benchmarks/train_throughput.py                      # tiny, ~5 min
+  python benchmarks/train_throughput.py --sizes gpt2_small --text_size 50259 \
+      --speech_size 6000 --sequences_per_step 2 --steps 2 --runs 2 \
+      --no-check_equivalence                                 # ~15 min
 """
 
 from __future__ import annotations
@@ -445,8 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--packed_rows", type=int, default=1, help="sld_jax: rows per step")
   parser.add_argument("--packed_length", type=int, default=0,
                       help="sld_jax: tokens per packed row (0: --block_size)")
-  parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
-  parser.add_argument("--runs", type=int, default=2, help="processes per implementation")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+  parser.add_argument("--runs", type=int, default=3, help="processes per implementation")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--text_size", type=int, default=1000)
   parser.add_argument("--speech_size", type=int, default=2000)

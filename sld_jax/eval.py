@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging as py_logging
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence, Union
@@ -46,7 +45,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sld_jax import checkpointing
-from sld_jax import distributed
+from sld_jax import cli
 from sld_jax import eval_data
 from sld_jax import evaluation
 from sld_jax import gin_utils
@@ -366,43 +365,12 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-  """The command-line flags (defined by ``run``, so importing this module defines none)."""
-  flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order.")
-  flags.DEFINE_multi_string(
-      "gin_bindings", [], "Gin bindings, applied after the files; --gin.X=Y is the same as "
-      "--gin_bindings='X = Y'.")
-  flags.DEFINE_multi_string(
-      "gin_search_paths", list(gin_utils.DEFAULT_SEARCH_PATHS),
-      "Directories searched for gin files and their includes.")
-  flags.DEFINE_enum("distributed", "auto", distributed.MODES,
-                    "Call jax.distributed.initialize: auto, on or off (sld_jax/distributed.py).")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
-  flags.DEFINE_integer("num_processes", None, "Number of processes.")
-  flags.DEFINE_integer("process_id", None, "This process's index.")
-  flags.DEFINE_list("local_device_ids", None, "Devices this process uses (GPU clusters).")
-
-
 # Training-only macros an experiment requires; evaluation never reads them.
 _TRAINING_PLACEHOLDERS = ('MODEL_DIR = "(unused by sld_jax.eval)"', "TRAIN_STEPS = 1")
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Keeps orbax's INFO chatter and gin's resource probing off the console."""
-
-  def filter(self, record):
-    if record.pathname.endswith("gin/resource_reader.py"):
-      return False
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  distributed.initialize(
-      FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-      [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None)
+  cli.start(argv)
   configured = gin.configurable("evaluate", module="sld_jax.eval")(evaluate)
   gin_utils.parse_gin_config(FLAGS.gin_file,
                              list(_TRAINING_PLACEHOLDERS) + list(FLAGS.gin_bindings),
@@ -413,7 +381,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  define_flags()
+  cli.define_flags()
   app.run(main, argv=gin_utils.rewrite_gin_args(sys.argv))
 
 

@@ -14,7 +14,6 @@ process runs the same command.
 
 from __future__ import annotations
 
-import logging as py_logging
 import sys
 
 from absl import app
@@ -23,24 +22,11 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from sld_jax import distributed
+from sld_jax import cli
 from sld_jax import gin_utils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order.")
-flags.DEFINE_multi_string(
-    "gin_bindings", [], "Gin bindings, applied after the files; --gin.X=Y is the same as "
-    "--gin_bindings='X = Y'.")
-flags.DEFINE_multi_string(
-    "gin_search_paths", list(gin_utils.DEFAULT_SEARCH_PATHS),
-    "Directories searched for gin files and their includes.")
-flags.DEFINE_enum("distributed", "auto", distributed.MODES,
-                  "Call jax.distributed.initialize: auto (when a coordinator is given or a "
-                  "multi-host launcher is detected), on, or off.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
-flags.DEFINE_integer("num_processes", None, "Number of processes.")
-flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.DEFINE_list("local_device_ids", None, "Devices this process uses (GPU clusters).")
+cli.define_flags()
 
 
 def params_checksum(params) -> float:
@@ -59,24 +45,8 @@ def params_checksum(params) -> float:
   return total
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops library chatter from the console: orbax's per-save INFO lines and
-  gin's package-resource probing (logged as errors for every include it
-  resolves from the file system instead)."""
-
-  def filter(self, record):
-    if record.pathname.endswith("gin/resource_reader.py"):
-      return False
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  distributed.initialize(
-      FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-      [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None)
+  cli.start(argv)
   gin_utils.parse_gin_config(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
 
   from sld_jax import trainer  # pylint: disable=g-import-not-at-top

@@ -13,15 +13,28 @@ Task names::
   sld_librispeech_units               a prepared dir made elsewhere with
                                       scripts/prepare_data.py (the paper's
                                       setup: imported HuBERT/WavLM units)
+  sld_librispeech_units_gpt2          the same prepared dir, its text encoded
+                                      with a pretrained GPT-2's own BPE
+                                      (``gpt2_tokenizer_dir()``), as the paper
+                                      did with GPT-2 medium
 
 Splits: "train", "dev", "test" (embedded); "train", "dev_clean", "dev_other",
 "test_clean", "test_other" (LibriSpeech).
 
 Nothing is built at import time. An embedded task's data source synthesises
 its corpus (``$SLD_DATA_DIR/tfds``) and prepares its units on first use,
-under ``$SLD_DATA_DIR/prepared/<task name>``; the LibriSpeech task reads
+under ``$SLD_DATA_DIR/prepared/<task name>``; the LibriSpeech tasks read
 ``librispeech_prepared_dir()`` (gin-configurable, default
-``$SLD_DATA_DIR/prepared/librispeech``) when its dataset is requested.
+``$SLD_DATA_DIR/prepared/librispeech``) when their dataset is requested.
+
+The vocabularies are lazy too: ``sld_librispeech_units`` uses the prepared
+SentencePiece text model, ``sld_librispeech_units_gpt2`` the GPT-2 BPE of
+``gpt2_tokenizer_dir()`` (gin ``gpt2_tokenizer_dir.path``, else
+``$SLD_GPT2_DIR``; a Hugging Face GPT-2 model dir holds its tokenizer) with
+the prepared K. With the released GPT-2 (50257 ids) and K = 6000::
+
+  layout = VocabLayout(text_size=50259, speech_size=6000)
+  targets = units + 50260, 50259 (<speech_end>), GPT-2 ids + 3, 1 (<text_end>)
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from sld_jax import gpt2_vocab
 from sld_jax import seqio_vocab
 from sld_jax import vocab as vocab_lib
 from sld_jax import wer
@@ -46,6 +60,9 @@ EMBEDDED_SPLITS = ("train", "dev", "test")
 LIBRISPEECH_SPLITS = ("train", "dev_clean", "dev_other", "test_clean",
                       "test_other")
 LIBRISPEECH_TASK = "sld_librispeech_units"
+LIBRISPEECH_GPT2_TASK = "sld_librispeech_units_gpt2"
+LIBRISPEECH_TASKS = (LIBRISPEECH_TASK, LIBRISPEECH_GPT2_TASK)
+GPT2_DIR_ENV = "SLD_GPT2_DIR"
 DEFAULT_TASK = "sld_embedded_digits_whisper"
 
 _LOGMEL = {"stack_frames": 2, "mean_var_norm": True}
@@ -79,11 +96,11 @@ EMBEDDED_TASKS = _embedded_tasks()
 
 def prepared_dir(task_name: str) -> str:
   """Where a task's prepared data lives (resolved when called)."""
-  if task_name == LIBRISPEECH_TASK:
+  if task_name in LIBRISPEECH_TASKS:
     return librispeech_prepared_dir()
   if task_name not in EMBEDDED_TASKS:
     raise ValueError(f"unknown sld task {task_name!r}; known: "
-                     f"{sorted(EMBEDDED_TASKS) + [LIBRISPEECH_TASK]}")
+                     f"{sorted(EMBEDDED_TASKS) + list(LIBRISPEECH_TASKS)}")
   return os.path.join(embedded_corpus.data_root(), "prepared", task_name)
 
 
@@ -94,10 +111,31 @@ def librispeech_prepared_dir(path: Optional[str] = None) -> str:
       embedded_corpus.data_root(), "prepared", "librispeech"))
 
 
+@gin.configurable
+def gpt2_tokenizer_dir(path: Optional[str] = None) -> str:
+  """The GPT-2 tokenizer dir of the ``*_gpt2`` tasks: ``path`` or $SLD_GPT2_DIR.
+
+  Any Hugging Face GPT-2 dir will do (``tokenizer.json`` or ``vocab.json`` +
+  ``merges.txt``; its ``config.json`` vocab_size, when present, sets the
+  number of GPT-2 rows): the experiments bind ``path`` to ``%INIT_FROM`` so
+  the text ids are the pretrained model's own.
+
+  Raises:
+    ValueError: neither ``path`` nor $SLD_GPT2_DIR is set.
+  """
+  path = path or os.environ.get(GPT2_DIR_ENV)
+  if not path:
+    raise ValueError(
+        "no GPT-2 tokenizer directory for the GPT-2 text vocabulary: set "
+        f"gpt2_tokenizer_dir.path (gin, e.g. --gin.INIT_FROM=\\\"/path/to/gpt2\\\" in "
+        f"the *_gpt2init experiments) or the environment variable {GPT2_DIR_ENV}")
+  return os.path.expanduser(path)
+
+
 def ensure_prepared(task_name: str) -> str:
   """Builds an embedded task's corpus and units if needed; returns its dir."""
   out_dir = prepared_dir(task_name)
-  if task_name == LIBRISPEECH_TASK:
+  if task_name in LIBRISPEECH_TASKS:
     if not prepare_lib.is_prepared(out_dir):
       raise prepare_lib.PrepareError(
           f"task {task_name}: {out_dir} holds no prepared data. Prepare it "
@@ -112,10 +150,16 @@ def ensure_prepared(task_name: str) -> str:
 
 
 def get_layout(task_name: str) -> vocab_lib.VocabLayout:
-  """The task's VocabLayout from its prepared metadata (prepares if needed)."""
-  metadata = prepare_lib.load_metadata(ensure_prepared(task_name))
-  return vocab_lib.VocabLayout(text_size=metadata["text_size"],
-                               speech_size=metadata["speech_size"])
+  """The VocabLayout of a registered task's vocabulary (prepares if needed).
+
+  The layout is the vocabulary's, so it is right for both text vocabularies:
+  the prepared SentencePiece model (text_size from the prepared metadata) or
+  GPT-2 BPE (text_size = GPT-2 vocab - 1 + 3).
+  """
+  if task_name in EMBEDDED_TASKS or task_name in LIBRISPEECH_TASKS:
+    ensure_prepared(task_name)  # builds an embedded task; a clear error if missing
+  task = seqio.get_mixture_or_task(task_name)
+  return task.output_features["targets"].vocabulary.layout
 
 
 def _vocabulary_files(task_name: str) -> tuple[str, int]:
@@ -123,6 +167,17 @@ def _vocabulary_files(task_name: str) -> tuple[str, int]:
   metadata = prepare_lib.load_metadata(out_dir)
   return (os.path.join(out_dir, metadata["files"]["text_model"]),
           metadata["speech_size"])
+
+
+def _gpt2_vocabulary_files(task_name: str) -> tuple[str, int]:
+  metadata = prepare_lib.load_metadata(ensure_prepared(task_name))
+  return gpt2_tokenizer_dir(), metadata["speech_size"]
+
+
+def gpt2_vocabulary(task_name: str) -> gpt2_vocab.Gpt2SpeechTextVocabulary:
+  """A lazy GPT-2 BPE vocabulary over the task's prepared K, resolved on first use."""
+  return gpt2_vocab.Gpt2SpeechTextVocabulary(
+      resolver=functools.partial(_gpt2_vocabulary_files, task_name), name=task_name)
 
 
 def _dataset_fn(task_name: str, split: str, shuffle_files: bool,
@@ -160,10 +215,22 @@ def register_task(task_name: str, splits, *,
       shuffle_buffer_size=10_000)
 
 
+def register_librispeech_tasks() -> None:
+  """(Re-)registers the LibriSpeech tasks with fresh, unresolved vocabularies.
+
+  A vocabulary resolves its files once; re-register after pointing
+  ``librispeech_prepared_dir`` or ``gpt2_tokenizer_dir`` elsewhere in the
+  same process.
+  """
+  register_task(LIBRISPEECH_TASK, LIBRISPEECH_SPLITS)
+  register_task(LIBRISPEECH_GPT2_TASK, LIBRISPEECH_SPLITS,
+                vocabulary=gpt2_vocabulary(LIBRISPEECH_GPT2_TASK))
+
+
 def register_all() -> None:
   for task_name in EMBEDDED_TASKS:
     register_task(task_name, EMBEDDED_SPLITS)
-  register_task(LIBRISPEECH_TASK, LIBRISPEECH_SPLITS)
+  register_librispeech_tasks()
 
 
 register_all()

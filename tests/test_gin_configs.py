@@ -33,7 +33,8 @@ ALL_FILES = sorted(os.path.relpath(p, gin_utils.REPO_ROOT)
                    for p in glob.glob(os.path.join(GIN_DIR, "**", "*.gin"), recursive=True))
 EXPERIMENTS = [p for p in ALL_FILES if p.startswith("gin_configs/experiments/")]
 REQUIRED = ('MODEL_DIR="/tmp/unused"', "TRAIN_STEPS=1000",
-            'WAVLM_UNITS_DIR="/tmp/unused_wavlm"', 'HUBERT_UNITS_DIR="/tmp/unused_hubert"')
+            'WAVLM_UNITS_DIR="/tmp/unused_wavlm"', 'HUBERT_UNITS_DIR="/tmp/unused_hubert"',
+            'INIT_FROM="/tmp/unused_gpt2"')
 # The paper's vocabulary: a text model plus 6000 unit pieces.
 PAPER_LAYOUT = VocabLayout(text_size=1000, speech_size=6000)
 SMALL_LAYOUT = VocabLayout(text_size=40, speech_size=128)
@@ -148,7 +149,8 @@ def test_experiment_finalizes_and_builds(path):
     method = model.loss_config.method
     expected = {"_sld.gin": ("sld", "reference"), "_sld_paper.gin": ("sld", "paper"),
                 "_loss_masking.gin": ("loss_masking", "paper"),
-                "_multimodal_ce.gin": ("multimodal_ce", "paper")}
+                "_multimodal_ce.gin": ("multimodal_ce", "paper"),
+                "_sld_gpt2init.gin": ("sld", "reference")}
     suffix = next(s for s in expected if path.endswith(s))
     assert (method, model.loss_config.kl_target) == expected[suffix]
     if method == "sld":
@@ -157,6 +159,10 @@ def test_experiment_finalizes_and_builds(path):
     units = "WAVLM" if "wavlm" in path else "HUBERT"
     import tasks.registry  # pylint: disable=g-import-not-at-top
     assert tasks.registry.librispeech_prepared_dir() == f"/tmp/unused_{units.lower()}"
+    if path.endswith("_gpt2init.gin"):  # the pretrained model's own text tokens
+      assert source.task_name == tasks.registry.LIBRISPEECH_GPT2_TASK
+      assert tasks.registry.gpt2_tokenizer_dir() == "/tmp/unused_gpt2"
+      assert gin.query_parameter("%INIT_FROM") == "/tmp/unused_gpt2"
 
 
 def test_gpt2_small_model_file_builds():
@@ -170,6 +176,7 @@ def test_gpt2_small_model_file_builds():
     ("gin_configs/experiments/smoke.gin", "MODEL_DIR"),
     ("gin_configs/experiments/librispeech_wavlm_sld.gin", "WAVLM_UNITS_DIR"),
     ("gin_configs/experiments/librispeech_hubert_loss_masking.gin", "TRAIN_STEPS"),
+    ("gin_configs/experiments/librispeech_wavlm_sld_gpt2init.gin", "INIT_FROM"),
 ])
 def test_a_missing_required_macro_fails_loudly(path, macro):
   bindings = [b for b in REQUIRED if not b.startswith(macro + "=")]

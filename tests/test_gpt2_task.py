@@ -6,10 +6,10 @@ import gin
 import numpy as np
 import pytest
 import seqio
-import tokenizers
 import transformers
 
 from sld_jax import gpt2_vocab
+import gpt2_tokenizer
 from sld_jax import vocab as vocab_lib
 from sld_jax.speech import prepare
 from sld_jax.speech import readers
@@ -35,19 +35,7 @@ TOKENIZER_SENTENCES = [
 
 
 def _train_tokenizer(out_dir: str) -> transformers.PreTrainedTokenizerBase:
-  """A byte-level BPE saved as a GPT-2 tokenizer, <|endoftext|> last (like GPT-2)."""
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(TOKENIZER_SENTENCES, trainer)
-  tok.add_special_tokens([gpt2_vocab.EOS_TOKEN])
-  hf_tok = transformers.GPT2TokenizerFast(
-      tokenizer_object=tok, bos_token=gpt2_vocab.EOS_TOKEN, eos_token=gpt2_vocab.EOS_TOKEN,
-      unk_token=gpt2_vocab.EOS_TOKEN)
-  hf_tok.save_pretrained(out_dir)
-  return hf_tok
+  return gpt2_tokenizer.train_gpt2_tokenizer(out_dir, TOKENIZER_SENTENCES, vocab_size=300)
 
 
 def _prepare_units(tmp_path) -> str:

@@ -8,6 +8,9 @@ time (``lower().compile()``) so that its memory can be read:
 
   temp bytes       ``compiled.memory_analysis().temp_size_in_bytes``: the
                    step's scratch memory (activations, gradients, logits)
+  flops, bytes     ``compiled.cost_analysis()``: XLA's count of floating
+                   point operations and bytes accessed per step; unlike
+                   step times they do not depend on the machine's load
   unit buffers     buffers that XLA materialises (results of instructions
                    outside fused computations, in the entry computation and
                    loop / branch bodies) with a K = speech_size sized axis;
@@ -131,10 +134,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       executable = trainer._train_step.lower(  # pylint: disable=protected-access
           trainer.abstract_state, trainer.shard_batch(batches[0])).compile()
     memory = executable.memory_analysis()
+    cost = executable.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     text = executable.as_text()
     analysis[name] = {
         "compile_seconds": time.perf_counter() - start,
         "temp_bytes": memory.temp_size_in_bytes,
+        "flops": float(cost.get("flops", 0.0)),
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
         "argument_bytes": memory.argument_size_in_bytes,
         "units": unit_buffers(text, layout.speech_size),
         "vocab": unit_buffers(text, layout.size),
@@ -160,10 +167,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"{args.rounds} timed rounds")
   print()
   print("| objective | median step (s) | vs multimodal_ce (median of per-round ratios) | "
-        "temp memory (MiB) | "
+        "XLA GFLOP / step (vs MCE) | XLA GB accessed / step (vs MCE) | temp memory (MiB) | "
         "materialised [.., K] buffers: count / MiB | [.., V] buffers: count / MiB | "
         "steps (s) |")
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   base = statistics.median(times["multimodal_ce"]) if "multimodal_ce" in times else None
   for name in names:
     median = statistics.median(times[name])
@@ -171,7 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ratio = "-"
     if base:
       ratio = f"{statistics.median(t / b for t, b in zip(times[name], times['multimodal_ce'])):.3f}"
-    print(f"| {name} | {median:.3f} | {ratio} | {info['temp_bytes'] / 2**20:,.1f} | "
+    ref = analysis.get("multimodal_ce", info)
+    print(f"| {name} | {median:.3f} | {ratio} | "
+          f"{info['flops'] / 1e9:,.1f} ({info['flops'] / ref['flops']:.4f}) | "
+          f"{info['bytes_accessed'] / 1e9:,.2f} "
+          f"({info['bytes_accessed'] / ref['bytes_accessed']:.4f}) | "
+          f"{info['temp_bytes'] / 2**20:,.1f} | "
           f"{info['units']['count']} / {info['units']['bytes'] / 2**20:,.1f} | "
           f"{info['vocab']['count']} / {info['vocab']['bytes'] / 2**20:,.1f} | "
           f"{[round(t, 2) for t in times[name]]} |")

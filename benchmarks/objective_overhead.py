@@ -129,10 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if state is None:
       state = trainer.init_state()
     start = time.perf_counter()
-    with jax.set_mesh(trainer.mesh):
-      # The Trainer's jitted step (in_shardings, donation) compiled ahead of time.
-      executable = trainer._train_step.lower(  # pylint: disable=protected-access
-          trainer.abstract_state, trainer.shard_batch(batches[0])).compile()
+    # The Trainer's jitted step (in_shardings, donation) compiled ahead of time.
+    executable = trainer.lower_train_step(batches[0]).compile()
     memory = executable.memory_analysis()
     cost = executable.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -190,6 +190,20 @@ class Trainer:
     with self.context():
       return self._train_step(state, batch)
 
+  def lower_train_step(self, batch: Mapping[str, Any]) -> jax.stages.Lowered:
+    """The jitted step lowered for ``abstract_state`` and ``batch``'s shapes.
+
+    Ahead-of-time compilation as MaxText's ``train_compile`` does it: nothing
+    is allocated; ``.compile()`` gives the executable whose
+    ``memory_analysis()``, ``cost_analysis()`` and ``as_text()`` describe the
+    step that ``train_step`` runs. ``batch`` may hold arrays or
+    ``jax.ShapeDtypeStruct``s of the global batch.
+    """
+    abstract_batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding), batch)
+    with self.context():
+      return self._train_step.lower(self.abstract_state, abstract_batch)
+
   def evaluate(self, params: Any, host_batches: Iterable[Mapping[str, np.ndarray]]
                ) -> dict[str, float]:
     """Teacher-forced metrics over batches (no dropout, no time masking)."""

@@ -192,3 +192,17 @@ def test_restore_onto_a_different_mesh(tmp_path):
   # And training continues from it on the new mesh.
   restored, metrics = loader.train_step(restored, loader.shard_batch(next(source.batches(1))))
   assert np.isfinite(float(metrics["loss"])) and int(restored.step) == 2
+
+
+def test_lowered_train_step_is_the_step_that_runs():
+  trainer, source = _trainer((2, 2, 2))
+  host_batch = next(iter(source.batches(0)))
+  executable = trainer.lower_train_step(host_batch).compile()
+  assert executable.memory_analysis().argument_size_in_bytes > 0
+  state = trainer.init_state()
+  state_copy = jax.tree.map(jnp.copy, state)
+  _, expected = trainer.train_step(state, trainer.shard_batch(host_batch))
+  with trainer.context():
+    _, metrics = executable(state_copy, trainer.shard_batch(host_batch))
+  for name in ("loss", "grad_norm", "num_target_tokens"):
+    np.testing.assert_allclose(float(metrics[name]), float(expected[name]), rtol=1e-6)

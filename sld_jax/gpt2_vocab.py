@@ -41,15 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
-import seqio
 import tensorflow as tf
 import tokenizers
 
 from sld_jax import hf_gpt2_files as hf_files
+from sld_jax import seqio_vocab
 from sld_jax import vocab as vocab_lib
 
 EOS_TOKEN = "<|endoftext|>"
@@ -57,8 +56,6 @@ EOS_TOKEN = "<|endoftext|>"
 NUM_SPECIALS = 3
 # tokenizer_config.json classes that are GPT-2 byte-level BPE.
 KNOWN_TOKENIZER_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")
-
-Resolver = Callable[[], tuple[str, int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +220,7 @@ def text_id_map_of_dir(tokenizer_dir: str) -> TextIdMap:
   return _tokenizer_and_map(tokenizer_dir)[1]
 
 
-class Gpt2SpeechTextVocabulary(seqio.Vocabulary):
+class Gpt2SpeechTextVocabulary(seqio_vocab.SharedLayoutVocabulary):
   """GPT-2 BPE text ids (shifted by ``TextIdMap``) in the shared vocabulary.
 
   ::
@@ -232,99 +229,31 @@ class Gpt2SpeechTextVocabulary(seqio.Vocabulary):
     vocab.encode("Hello world")      -> [15499, 998]
     vocab.decode([50300, 50259, 15499, 998, 1, 0])  -> "Hello world"
     vocab.vocab_size                 -> 56320 (layout.size)
+
+  ``tokenizer_dir`` is a HF GPT-2 directory (``tokenizer.json`` or
+  ``vocab.json`` + ``merges.txt``; its ``config.json`` vocab_size, when
+  present, sets the number of GPT-2 rows so the ids match the checkpoint);
+  or ``resolver=f`` with ``f() -> (tokenizer_dir, K)`` called on first use.
   """
 
-  def __init__(self, tokenizer_dir: Optional[str] = None, speech_size: Optional[int] = None, *,
-               resolver: Optional[Resolver] = None, name: str = ""):
-    """Builds the vocabulary now or on first use.
+  _SOURCE = "tokenizer_dir"
 
-    Args:
-      tokenizer_dir: a HF GPT-2 directory (``tokenizer.json`` or ``vocab.json``
-        + ``merges.txt``; its ``config.json`` vocab_size, when present, sets
-        the number of GPT-2 rows so the ids match the checkpoint).
-      speech_size: K, the number of speech units (or unit pieces).
-      resolver: instead of the two above, a function returning
-        ``(tokenizer_dir, speech_size)``, called once on first use.
-      name: shown in ``str(vocab)``.
-    """
-    super().__init__(extra_ids=0)
-    if resolver is None:
-      if tokenizer_dir is None or speech_size is None:
-        raise ValueError("Gpt2SpeechTextVocabulary needs tokenizer_dir and speech_size, "
-                         "or a resolver")
-      given = (tokenizer_dir, int(speech_size))
-      resolver = lambda: given
-    elif tokenizer_dir is not None or speech_size is not None:
-      raise ValueError("give either a resolver or tokenizer_dir + speech_size, not both")
-    self._resolver = resolver
-    self._name = name
-    self._lock = threading.Lock()
-    self._resolved = None
-
-  def _state(self):
-    with self._lock:
-      if self._resolved is None:
-        tokenizer_dir, speech_size = self._resolver()
-        tokenizer, id_map = _tokenizer_and_map(tokenizer_dir)
-        layout = vocab_lib.VocabLayout(text_size=id_map.text_size, speech_size=int(speech_size))
-        self._resolved = (tokenizer_dir, tokenizer, id_map, layout)
-      return self._resolved
-
-  def __getstate__(self):
-    tokenizer_dir, _, _, layout = self._state()
-    return {"tokenizer_dir": tokenizer_dir, "speech_size": layout.speech_size,
-            "name": self._name}
-
-  def __setstate__(self, state):
-    self.__init__(state["tokenizer_dir"], state["speech_size"], name=state["name"])
-
-  @property
-  def layout(self) -> vocab_lib.VocabLayout:
-    return self._state()[3]
+  def _resolve(self, source: str, speech_size: int) -> dict:
+    tokenizer, id_map = _tokenizer_and_map(source)
+    return {"tokenizer": tokenizer, "id_map": id_map,
+            "layout": vocab_lib.VocabLayout(text_size=id_map.text_size, speech_size=speech_size)}
 
   @property
   def text_id_map(self) -> TextIdMap:
-    return self._state()[2]
+    return self._state()["id_map"]
 
   @property
   def tokenizer_dir(self) -> str:
-    return self._state()[0]
+    return self._state()["source"]
 
   @property
   def tokenizer(self) -> tokenizers.Tokenizer:
-    return self._state()[1]
-
-  @property
-  def text_size(self) -> int:
-    return self.layout.text_size
-
-  @property
-  def speech_size(self) -> int:
-    return self.layout.speech_size
-
-  @property
-  def speech_end_id(self) -> int:
-    return self.layout.speech_end_id
-
-  @property
-  def speech_offset(self) -> int:
-    return self.layout.speech_offset
-
-  @property
-  def bos_id(self) -> Optional[int]:
-    return None
-
-  @property
-  def eos_id(self) -> int:
-    return vocab_lib.EOS_ID
-
-  @property
-  def unk_id(self) -> int:
-    return vocab_lib.UNK_ID
-
-  @property
-  def _base_vocab_size(self) -> int:
-    return self.layout.size
+    return self._state()["tokenizer"]
 
   def _encode(self, s: str) -> Sequence[int]:
     gpt2_ids = self.tokenizer.encode(s, add_special_tokens=False).ids
@@ -374,24 +303,9 @@ class Gpt2SpeechTextVocabulary(seqio.Vocabulary):
     texts.set_shape(ids.shape[:-1])
     return texts
 
-  def encode_units(self, units: Sequence[int]) -> list[int]:
-    """Speech units in [0, K) -> their vocabulary ids (python)."""
-    return self.layout.units_to_ids(units).tolist()
-
   def __eq__(self, other) -> bool:
     if not isinstance(other, Gpt2SpeechTextVocabulary):
       return False
     mine, theirs = self._state(), other._state()
-    return (mine[1].to_str() == theirs[1].to_str() and mine[2] == theirs[2]
-            and mine[3] == theirs[3])
-
-  def __hash__(self):
-    return hash(type(self).__name__)
-
-  def __str__(self) -> str:
-    if self._resolved is None:
-      return f"Gpt2SpeechTextVocabulary({self._name or 'unresolved'})"
-    layout = self.layout
-    return (f"Gpt2SpeechTextVocabulary(name={self._name!r}, text_size={layout.text_size}, "
-            f"speech_size={layout.speech_size}, size={layout.size}, "
-            f"tokenizer={self.tokenizer_dir})")
+    return (mine["tokenizer"].to_str() == theirs["tokenizer"].to_str()
+            and mine["id_map"] == theirs["id_map"] and mine["layout"] == theirs["layout"])

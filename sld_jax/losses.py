@@ -64,6 +64,13 @@ slice. ``num_sequences`` is the number of rows with any weight (unpacked) or
 the number of distinct non-zero segment ids with any weight, summed over rows
 (packed): KLDivLoss(reduction="batchmean") divides by the batch size.
 
+One term of the released KL is not reproduced: its rows are padded to the
+block size, and the position whose *input* is ``<text_end>`` (whose label is
+padding) still gets ``KL(uniform-ish target || p_T)``, one term per sequence
+(+0.0516 of 6.57 in benchmarks/train_throughput.py's equivalence check).
+Packed streams have no such position (the next sequence starts there), so
+``kl_target="reference"`` equals the released loss without that term.
+
 All loss math runs in float32 (or float64 if the logits are float64).
 """
 

@@ -51,73 +51,54 @@ def check_text_model(model_file: str) -> spm.SentencePieceProcessor:
   return processor
 
 
-class SpeechTextVocabulary(seqio.Vocabulary):
-  """Text SentencePiece ids inside the shared text + speech vocabulary."""
+class SharedLayoutVocabulary(seqio.Vocabulary):
+  """A text vocabulary placed in a ``VocabLayout``, resolved on first use.
 
-  def __init__(self, sentencepiece_model_file: Optional[str] = None,
-               speech_size: Optional[int] = None, *,
+  Subclasses give ``_SOURCE`` (the name of what the text vocabulary is read
+  from, for messages) and ``_resolve(source, speech_size)``, which returns a
+  dict with at least ``"layout"``; ``_state()`` holds that dict plus
+  ``"source"``. Pickling keeps the resolved source and K, not the resolver
+  closure (tf.data and multiprocessing workers rebuild from them).
+  """
+
+  _SOURCE = "source"
+
+  def __init__(self, source: Optional[str] = None, speech_size: Optional[int] = None, *,
                resolver: Optional[Resolver] = None, name: str = ""):
-    """Builds the vocabulary now or on first use.
-
-    Args:
-      sentencepiece_model_file: the text model (pad 0, eos 1, unk 2, no bos).
-      speech_size: K, the number of speech units (or unit pieces).
-      resolver: instead of the two above, a function returning
-        ``(sentencepiece_model_file, speech_size)``, called once on first use.
-      name: shown in ``str(vocab)`` (e.g. the task or prepared dir).
-    """
     super().__init__(extra_ids=0)
     if resolver is None:
-      if sentencepiece_model_file is None or speech_size is None:
-        raise ValueError("SpeechTextVocabulary needs sentencepiece_model_file "
-                         "and speech_size, or a resolver")
-      given = (sentencepiece_model_file, int(speech_size))
+      if source is None or speech_size is None:
+        raise ValueError(f"{type(self).__name__} needs {self._SOURCE} and speech_size, "
+                         "or a resolver")
+      given = (source, int(speech_size))
       resolver = lambda: given
-    elif sentencepiece_model_file is not None or speech_size is not None:
-      raise ValueError("give either a resolver or sentencepiece_model_file + "
-                       "speech_size, not both")
+    elif source is not None or speech_size is not None:
+      raise ValueError(f"give either a resolver or {self._SOURCE} + speech_size, not both")
     self._resolver = resolver
     self._name = name
     self._lock = threading.Lock()
     self._resolved = None
 
-  def _state(self):
+  def _resolve(self, source: str, speech_size: int) -> dict:
+    raise NotImplementedError
+
+  def _state(self) -> dict:
     with self._lock:
       if self._resolved is None:
-        model_file, speech_size = self._resolver()
-        processor = check_text_model(model_file)
-        layout = vocab_lib.VocabLayout(text_size=processor.GetPieceSize(),
-                                       speech_size=int(speech_size))
-        with tf.io.gfile.GFile(model_file, "rb") as f:
-          model_bytes = f.read()
-        self._resolved = (model_file, processor, layout, model_bytes)
+        source, speech_size = self._resolver()
+        self._resolved = {"source": source, **self._resolve(source, int(speech_size))}
       return self._resolved
 
-  # Pickling (e.g. into tf.data or multiprocessing workers) keeps the
-  # resolved model file and K, not the resolver closure.
   def __getstate__(self):
-    model_file, _, layout, _ = self._state()
-    return {"model_file": model_file, "speech_size": layout.speech_size,
+    return {"source": self._state()["source"], "speech_size": self.speech_size,
             "name": self._name}
 
   def __setstate__(self, state):
-    self.__init__(state["model_file"], state["speech_size"], name=state["name"])
+    self.__init__(state["source"], state["speech_size"], name=state["name"])
 
   @property
   def layout(self) -> vocab_lib.VocabLayout:
-    return self._state()[2]
-
-  @property
-  def sentencepiece_model_file(self) -> str:
-    return self._state()[0]
-
-  @property
-  def tokenizer(self) -> spm.SentencePieceProcessor:
-    return self._state()[1]
-
-  @property
-  def tf_tokenizer(self) -> tf_text.SentencepieceTokenizer:
-    return tf_text.SentencepieceTokenizer(model=self._state()[3])
+    return self._state()["layout"]
 
   @property
   def text_size(self) -> int:
@@ -151,6 +132,52 @@ class SpeechTextVocabulary(seqio.Vocabulary):
   def _base_vocab_size(self) -> int:
     return self.layout.size
 
+  def encode_units(self, units: Sequence[int]) -> list[int]:
+    """Speech units in [0, K) -> their vocabulary ids (python)."""
+    return self.layout.units_to_ids(units).tolist()
+
+  def __hash__(self):
+    return hash(type(self).__name__)
+
+  def __str__(self) -> str:
+    if self._resolved is None:
+      return f"{type(self).__name__}({self._name or 'unresolved'})"
+    layout = self.layout
+    return (f"{type(self).__name__}(name={self._name!r}, text_size={layout.text_size}, "
+            f"speech_size={layout.speech_size}, size={layout.size}, "
+            f"{self._SOURCE}={self._state()['source']})")
+
+
+class SpeechTextVocabulary(SharedLayoutVocabulary):
+  """Text SentencePiece ids inside the shared text + speech vocabulary.
+
+  ``SpeechTextVocabulary(sentencepiece_model_file, speech_size)``, or
+  ``SpeechTextVocabulary(resolver=f)`` with ``f() -> (model_file, K)`` called
+  once on first use; ``name`` is shown in ``str(vocab)``.
+  """
+
+  _SOURCE = "sentencepiece_model_file"
+
+  def _resolve(self, source: str, speech_size: int) -> dict:
+    processor = check_text_model(source)
+    with tf.io.gfile.GFile(source, "rb") as f:
+      model_bytes = f.read()
+    return {"processor": processor, "model_bytes": model_bytes,
+            "layout": vocab_lib.VocabLayout(text_size=processor.GetPieceSize(),
+                                            speech_size=speech_size)}
+
+  @property
+  def sentencepiece_model_file(self) -> str:
+    return self._state()["source"]
+
+  @property
+  def tokenizer(self) -> spm.SentencePieceProcessor:
+    return self._state()["processor"]
+
+  @property
+  def tf_tokenizer(self) -> tf_text.SentencepieceTokenizer:
+    return tf_text.SentencepieceTokenizer(model=self._state()["model_bytes"])
+
   def _encode(self, s: str) -> Sequence[int]:
     return self.tokenizer.EncodeAsIds(s)
 
@@ -173,23 +200,8 @@ class SpeechTextVocabulary(seqio.Vocabulary):
     text_ids = tf.ragged.boolean_mask(ids, keep)
     return self.tf_tokenizer.detokenize(text_ids)
 
-  def encode_units(self, units: Sequence[int]) -> list[int]:
-    """Speech units in [0, K) -> their vocabulary ids (python)."""
-    return self.layout.units_to_ids(units).tolist()
-
   def __eq__(self, other) -> bool:
     if not isinstance(other, SpeechTextVocabulary):
       return False
     mine, theirs = self._state(), other._state()
-    return mine[3] == theirs[3] and mine[2] == theirs[2]
-
-  def __hash__(self):
-    return hash(type(self).__name__)
-
-  def __str__(self) -> str:
-    if self._resolved is None:
-      return f"SpeechTextVocabulary({self._name or 'unresolved'})"
-    layout = self.layout
-    return (f"SpeechTextVocabulary(name={self._name!r}, "
-            f"text_size={layout.text_size}, speech_size={layout.speech_size}, "
-            f"size={layout.size}, model={self.sentencepiece_model_file})")
+    return mine["model_bytes"] == theirs["model_bytes"] and mine["layout"] == theirs["layout"]

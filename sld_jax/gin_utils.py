@@ -12,7 +12,9 @@ working directory and then the repository root, and includes name files
 from the repository root as in t5x (``include 'gin_configs/models/tiny.gin'``),
 so the same command works from any directory. (Paths relative to
 ``gin_configs/`` such as ``tasks/x.gin`` are avoided on purpose: gin's
-package-resource reader would take ``tasks`` for the Python package.)
+package-resource reader would take ``tasks`` for the Python package; the
+``gin_configs`` folders carry ``__init__.py`` files so that the same reader
+resolves them when the checkout is on ``sys.path``.)
 
 Macros set to ``%gin.REQUIRED`` (``MODEL_DIR``, ``TRAIN_STEPS``, data paths)
 must be overridden: finalizing the config raises and names the macro.

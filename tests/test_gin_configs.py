@@ -14,6 +14,8 @@ import functools
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import gin
@@ -62,6 +64,21 @@ def test_shipped_files_are_found():
                "objectives/sld.gin", "objectives/sld_reference.gin", "runs/train.gin",
                "runs/eval.gin"):
     assert f"gin_configs/{name}" in ALL_FILES, name
+
+
+def test_files_parse_from_another_directory_with_the_checkout_on_the_path(tmp_path):
+  # gin's package-resource reader used to crash (TypeError) on the
+  # gin_configs namespace package when the checkout is on sys.path.
+  script = ("import sys; sys.path.insert(0, sys.argv[1]); import gin; "
+            "from sld_jax import gin_utils; "
+            "gin_utils.parse_gin_config(['gin_configs/experiments/demo.gin'], "
+            "['MODEL_DIR=\"/tmp/x\"'], finalize=False); "
+            "print(gin.query_parameter('%TRAIN_STEPS'))")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  result = subprocess.run([sys.executable, "-c", script, gin_utils.REPO_ROOT], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().splitlines()[-1].isdigit()
 
 
 @pytest.mark.parametrize("path", ALL_FILES)

@@ -12,7 +12,12 @@ run one prefill and ``max_new_tokens - 1`` cached steps, and their tokens
 should agree (reported; float rounding can flip a near-tie).
 
   sld_jax   ``jax.jit`` of init_cache + ``decoding.greedy_decode`` over
-            ``decoding.cached_fns`` (right-padded prompts, per-row cache index)
+            ``decoding.cached_fns`` (right-padded prompts, per-row cache index;
+            the prefill projects each row's last position only; with
+            ``--text_logits``, the default, prefill and steps project onto
+            the text ids only, as ``sld_jax.evaluation`` decodes;
+            ``--no-text_logits`` projects onto the whole vocabulary as
+            ``generate`` does)
   generate  ``model.generate(do_sample=False, num_beams=1, use_cache=True)``
             on left-padded prompts with an attention mask, as the release
             decodes; ``torch.set_num_threads(--torch_threads)``
@@ -29,6 +34,7 @@ the table splits each call into prefill and the cached steps.
   python benchmarks/decode_vs_generate.py                  # tiny, ~1 min
   python benchmarks/decode_vs_generate.py --size gpt2_small --text_size 50259 \
       --speech_size 6000 --reps 3
+  (add --no-text_logits to either for the whole-vocabulary projection)
 """
 
 from __future__ import annotations
@@ -79,21 +85,26 @@ def no_eos_bias(layout: VocabLayout, vocab_size: int) -> np.ndarray:
 
 
 def sld_jax_decoder(module: decoder_lib.Decoder, layout: VocabLayout, batch_size: int,
-                    cache_length: int, max_new_tokens: int):
-  """A jitted ``(params, prompts [B, P], lengths [B]) -> tokens [B, N]``."""
+                    cache_length: int, max_new_tokens: int, text_logits: bool = True):
+  """A jitted ``(params, prompts [B, P], lengths [B]) -> tokens [B, N]``.
+
+  ``text_logits``: project onto the text ids only (``cached_fns(..., layout)``,
+  as ``sld_jax.evaluation`` decodes); else onto the whole vocabulary, as
+  ``generate`` does.
+  """
   ban_eos = jnp.zeros((module.config.vocab_size,), jnp.float32).at[EOS_ID].set(-jnp.inf)
 
   @jax.jit
   def decode(params, prompts, lengths):
-    prefill_fn, step_fn = decoding.cached_fns(module, params)
+    prefill_fn, step_fn = decoding.cached_fns(module, params, layout if text_logits else None)
 
     def prefill_no_eos(cache, tokens, prompt_lengths):
       logits, cache = prefill_fn(cache, tokens, prompt_lengths)
-      return logits + ban_eos, cache
+      return logits + ban_eos[:logits.shape[-1]], cache
 
     def step_no_eos(cache, tokens):
       logits, cache = step_fn(cache, tokens)
-      return logits + ban_eos, cache
+      return logits + ban_eos[:logits.shape[-1]], cache
 
     cache = decoder_lib.init_cache(module, batch_size, cache_length)
     return decoding.greedy_decode(prefill_no_eos, step_no_eos, cache, prompts, lengths,
@@ -123,6 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--reps", type=int, default=5, help="timed calls per implementation")
   parser.add_argument("--torch_threads", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--text_logits", action=argparse.BooleanOptionalAction, default=True,
+                      help="sld_jax projects onto the text ids only, as sld_jax.evaluation "
+                           "decodes (--no-text_logits: the whole vocabulary, as generate)")
   args = parser.parse_args(argv)
   torch.set_num_threads(args.torch_threads)
 
@@ -144,8 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     left[row, longest - len(prompt):] = prompt
     mask[row, longest - len(prompt):] = 1
 
-  decode = sld_jax_decoder(module, layout, args.batch_size, cache_length, args.max_new_tokens)
-  decode_first = sld_jax_decoder(module, layout, args.batch_size, cache_length, 1)
+  decode = sld_jax_decoder(module, layout, args.batch_size, cache_length, args.max_new_tokens,
+                           args.text_logits)
+  decode_first = sld_jax_decoder(module, layout, args.batch_size, cache_length, 1,
+                                 args.text_logits)
   with tempfile.TemporaryDirectory() as directory:
     hf_gpt2.export_hf_gpt2(params, config, layout, directory)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory)
@@ -200,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   print(f"{args.size}, VocabLayout({args.text_size}, {args.speech_size}) ({layout.size} rows); "
         f"{args.batch_size} prompts of {lengths.min()}-{longest} tokens, "
         f"{args.max_new_tokens} new tokens each; identical rows {same_rows:.0%}, "
-        f"identical tokens {same_tokens:.1%}")
+        f"identical tokens {same_tokens:.1%}; sld_jax logits over "
+        f"{'the text ids' if args.text_logits else 'the whole vocabulary'}")
   print()
   print("| implementation | utterances/s | vs generate | median call (s) | "
         "ms per generated token (batch) | best call (s) | best vs best | first call (s) | "

@@ -8,7 +8,11 @@ SentencePiece pieces); every row generates up to ``decode_length`` text
 tokens (random models rarely emit <text_end>, so nearly all of them).
 
 Modes:
-  cached greedy    prefill the prompt once, then one position per step
+  cached greedy    prefill the prompt once (next-token logits at the last
+                   prompt position only), then one position per step, the
+                   output projection restricted to the text ids
+                   (``decoding.cached_fns(module, params, layout)``, as
+                   ``sld_jax.evaluation`` decodes)
   naive greedy     rerun the full forward pass over the sequence every step
   cached beam      beam search (``--beam_size``) over the KV cache
   naive beam       beam search rerunning the full forward pass
@@ -77,7 +81,7 @@ def decode_fn(module, layout, mode: str, width: int, decode_length: int, beam_si
     batch = prompts.shape[0]
     if cached == "cached":
       cache = decoder.init_cache(module, batch, width + decode_length)
-      fns = decoding.cached_fns(module, params)
+      fns = decoding.cached_fns(module, params, layout)
       axes = decoding.decoder_cache_batch_axes(module, batch, width + decode_length)
     else:
       cache = decoding.init_uncached_state(batch, width + decode_length)

@@ -27,10 +27,20 @@ on the decoder's internals (``cached_fns`` binds the KV-cache decoder of
 ``sld_jax.model.decoder``; ``uncached_fns`` a naive reference that reruns the
 full forward pass over the whole sequence at every step)::
 
-  prefill_fn(cache, prompt_tokens [B, P], prompt_lengths [B]) -> (logits [B, P, V], cache)
+  prefill_fn(cache, prompt_tokens [B, P], prompt_lengths [B]) -> (logits [B, V], cache)
   step_fn(cache, tokens [B]) -> (logits [B, V], cache)
 
-Beam search reorders cache rows; ``cache_batch_axes`` (a pytree of ints
+``prefill_fn``'s logits are the next-token logits of each prompt (position
+``prompt_lengths[b] - 1``); a prefill returning every position
+``[B, P, V]`` is accepted too and read there (``next_token_logits``).
+
+The loops carry the cache through ``jax.lax.while_loop`` with the model step
+unconditional in the body (the first token comes from the prefill's logits),
+so XLA updates the KV cache in place; wrapping the step in a ``lax.cond``
+would copy every cache buffer at every step.
+
+Beam search reorders cache rows at every step (a gather of the whole cache,
+which XLA then copies back into the loop carry); ``cache_batch_axes`` (a pytree of ints
 shaped like the cache, default 0 everywhere) says where each leaf keeps the
 batch (``decoder_cache_batch_axes`` reads it from the decoder's logical axis
 names, so scanned layers with a leading layer axis work too).
@@ -38,6 +48,7 @@ names, so scanned layers with a leading layer axis work too).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
@@ -90,6 +101,19 @@ def logits_at(logits: jax.Array, lengths: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
 
 
+def next_token_logits(logits: jax.Array, prompt_lengths: jax.Array) -> jax.Array:
+  """A prefill's output as next-token logits ``[B, V]``.
+
+  ``[B, V]`` (a prefill that projected the last prompt position only) is
+  returned as is; ``[B, P, V]`` is read at ``prompt_lengths[b] - 1``.
+  """
+  if logits.ndim == 2:
+    return logits
+  if logits.ndim == 3:
+    return logits_at(logits, prompt_lengths)
+  raise ValueError(f"prefill_fn must return logits [B, V] or [B, P, V], got {logits.shape}")
+
+
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
   """GNMT length normalisation ``((5 + length) / 6) ** alpha``; 1 when alpha == 0."""
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
@@ -101,16 +125,56 @@ def _row_budgets(budgets: Optional[jax.Array], batch: int, width: int) -> jax.Ar
   return jnp.clip(jnp.asarray(budgets, jnp.int32), 0, width)
 
 
-def _step(step_fn: StepFn, cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
-  logits, cache = step_fn(cache, tokens)
-  return logits.astype(jnp.float32), cache
-
-
 def _check_static(layout: VocabLayout, max_decode_length: int) -> None:
   if not isinstance(layout, VocabLayout):
     raise TypeError(f"layout must be a VocabLayout, got {type(layout).__name__}")
   if max_decode_length < 1:
     raise ValueError(f"max_decode_length must be >= 1, got {max_decode_length}")
+
+
+def _first_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(jnp.argmax(x, -1), jnp.max(x, -1))`` for ``x [B, V]``: the first maximum.
+
+  Two plain reductions (max, then the smallest index holding it): on CPU
+  XLA's argmax (a variadic value-and-index reduction) takes 1.7-2.5x as long
+  at V = 1,000-56,320. A row holding NaN gives index ``V - 1`` (argmax: the
+  first NaN) and a NaN maximum.
+  """
+  best = jnp.max(x, axis=-1)
+  ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  index = jnp.min(jnp.where(x == best[:, None], ids, x.shape[-1] - 1), axis=-1)
+  return index, best
+
+
+class _GreedyState(NamedTuple):
+  """The greedy loop's carry; ``token`` is the last emitted token per row."""
+
+  step: jax.Array
+  token: jax.Array
+  tokens: jax.Array
+  done: jax.Array
+  lengths: jax.Array
+  scores: jax.Array
+  ended: jax.Array
+
+
+def _greedy_emit(state: _GreedyState, logits: jax.Array, bias: jax.Array,
+                 layout: VocabLayout, budgets: jax.Array) -> _GreedyState:
+  """Picks each row's next token from ``logits [B, V]`` and writes it at ``step``.
+
+  Rows already done emit PAD and keep their length, score and ``ended``.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) + bias)
+  token, token_logp = _first_max(log_probs)
+  done = state.done
+  token = jnp.where(done, layout.pad_id, token)
+  lengths = state.lengths + (~done).astype(jnp.int32)
+  ended = state.ended | (~done & (token == layout.eos_id))
+  return _GreedyState(
+      step=state.step + 1, token=token,
+      tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),
+      done=done | ended | (lengths >= budgets), lengths=lengths,
+      scores=state.scores + jnp.where(done, 0.0, token_logp), ended=ended)
 
 
 def greedy_decode(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any,
@@ -119,40 +183,41 @@ def greedy_decode(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any,
                   budgets: Optional[jax.Array] = None) -> DecodeResult:
   """Greedy decoding; jit-compatible (``layout``/``max_decode_length`` static).
 
-  The loop stops when every row is done (ended or out of budget); the model
-  step after the last token is skipped.
+  The first token comes from the prefill's logits; each loop iteration then
+  runs the model step on the previous tokens and emits the next ones. The
+  loop stops when every row is done (ended or out of budget), so the model
+  step after the last token is never run, and no conditional surrounds the
+  step: the cache is a plain loop carry that XLA updates in place (a
+  ``lax.cond`` around the step would copy every cache buffer per step).
+  Rows that are done while others go on still run the step (on PAD); their
+  outputs are ignored.
   """
   _check_static(layout, max_decode_length)
   batch = prompt_tokens.shape[0]
   logits, cache = prefill_fn(cache, prompt_tokens, prompt_lengths)
+  logits = next_token_logits(logits, prompt_lengths)
   bias = text_only_bias(layout, logits.shape[-1])
   budgets = _row_budgets(budgets, batch, max_decode_length)
+  emit = functools.partial(_greedy_emit, bias=bias, layout=layout, budgets=budgets)
 
-  def cond(state):
-    step, _, done, *_ = state
-    return (step < max_decode_length) & ~jnp.all(done)
+  state = _GreedyState(
+      step=jnp.int32(0), token=jnp.zeros((batch,), jnp.int32),
+      tokens=jnp.zeros((batch, max_decode_length), jnp.int32), done=budgets <= 0,
+      lengths=jnp.zeros((batch,), jnp.int32), scores=jnp.zeros((batch,), jnp.float32),
+      ended=jnp.zeros((batch,), bool))
+  state = emit(state, logits)
 
-  def body(state):
-    step, tokens, done, lengths, scores, ended, next_logits, cache = state
-    log_probs = jax.nn.log_softmax(next_logits.astype(jnp.float32) + bias)
-    token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
-    token_logp = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-    token = jnp.where(done, layout.pad_id, token)
-    scores = scores + jnp.where(done, 0.0, token_logp)
-    tokens = tokens.at[:, step].set(token)
-    lengths = lengths + (~done).astype(jnp.int32)
-    ended = ended | (~done & (token == layout.eos_id))
-    done = done | ended | (lengths >= budgets)
-    next_logits, cache = jax.lax.cond(
-        jnp.all(done), lambda: (next_logits, cache), lambda: _step(step_fn, cache, token))
-    return step + 1, tokens, done, lengths, scores, ended, next_logits, cache
+  def cond(carry):
+    state, _ = carry
+    return (state.step < max_decode_length) & ~jnp.all(state.done)
 
-  state = (jnp.int32(0), jnp.zeros((batch, max_decode_length), jnp.int32),
-           budgets <= 0, jnp.zeros((batch,), jnp.int32),
-           jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool),
-           logits_at(logits, prompt_lengths).astype(jnp.float32), cache)
-  _, tokens, _, lengths, scores, ended, _, _ = jax.lax.while_loop(cond, body, state)
-  return DecodeResult(tokens, lengths, scores, ended)
+  def body(carry):
+    state, cache = carry
+    logits, cache = step_fn(cache, state.token)
+    return emit(state, logits), cache
+
+  state, _ = jax.lax.while_loop(cond, body, (state, cache))
+  return DecodeResult(state.tokens, state.lengths, state.scores, state.ended)
 
 
 def _batch_axes(cache: Any, cache_batch_axes: Optional[Any]) -> Any:
@@ -171,6 +236,79 @@ def _gather_beams(cache: Any, axes: Any, source_beam: jax.Array) -> Any:
   batch, beams = source_beam.shape
   flat = (jnp.arange(batch)[:, None] * beams + source_beam).reshape(-1)
   return jax.tree.map(lambda x, axis: jnp.take(x, flat, axis=axis), cache, axes)
+
+
+class _BeamState(NamedTuple):
+  """The beam loop's carry (``B`` rows, ``W`` beams, ``N`` = max_decode_length).
+
+  ``source_beam [B, W]`` and ``token [B, W]`` say how the next model step is
+  fed: beam ``w`` of row ``b`` continues the cache of beam
+  ``source_beam[b, w]`` with ``token[b, w]``.
+  """
+
+  step: jax.Array
+  active: jax.Array              # [B] rows still searching
+  alive_steps: jax.Array         # [B] tokens in each alive beam
+  alive_seqs: jax.Array          # [B, W, N]
+  alive_logp: jax.Array          # [B, W], sorted best first
+  finished_seqs: jax.Array       # [B, W, N]
+  finished_scores: jax.Array     # [B, W], sorted best first
+  finished_lengths: jax.Array    # [B, W]
+  source_beam: jax.Array         # [B, W]
+  token: jax.Array               # [B, W]
+
+
+def _beam_select(state: _BeamState, logits: jax.Array, *, bias: jax.Array,
+                 layout: VocabLayout, alpha: float, budgets: jax.Array,
+                 best_penalty: jax.Array) -> _BeamState:
+  """One search step from the alive beams' next-token ``logits [B * W, V]``."""
+  batch, beams = state.alive_logp.shape
+  vocab = logits.shape[-1]
+  step, active = state.step, state.active
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) + bias).reshape(batch, beams, vocab)
+  candidates = (state.alive_logp[:, :, None] + log_probs).reshape(batch, beams * vocab)
+  top_logp, top_index = jax.lax.top_k(candidates, 2 * beams)
+  top_beam, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+  top_seqs = jnp.take_along_axis(state.alive_seqs, top_beam[:, :, None], axis=1)
+  top_seqs = top_seqs.at[:, :, step].set(top_token)
+  is_eos = top_token == layout.eos_id
+  in_first_w = jnp.arange(2 * beams) < beams
+
+  # Finished: the best W of the old finished and this step's ranked EOS candidates.
+  eos_scores = jnp.where(is_eos & in_first_w, top_logp / length_penalty(step + 1, alpha),
+                         NEG_INF)
+  all_scores = jnp.concatenate([state.finished_scores, eos_scores], axis=1)
+  all_seqs = jnp.concatenate([state.finished_seqs, top_seqs], axis=1)
+  all_lengths = jnp.concatenate(
+      [state.finished_lengths, jnp.full((batch, 2 * beams), step + 1, jnp.int32)], axis=1)
+  new_finished_scores, keep = jax.lax.top_k(all_scores, beams)
+  new_finished_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
+  new_finished_lengths = jnp.take_along_axis(all_lengths, keep, axis=1)
+
+  # Alive: the best W candidates that did not end.
+  new_alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), beams)
+  new_alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
+  source_beam = jnp.take_along_axis(top_beam, keep, axis=1)
+  token = jnp.take_along_axis(top_token, keep, axis=1)
+
+  # Frozen rows (out of budget or unable to improve) keep their state.
+  def merge(new, old):
+    return jnp.where(active.reshape((batch,) + (1,) * (new.ndim - 1)), new, old)
+  alive_logp = merge(new_alive_logp, state.alive_logp)
+  finished_scores = merge(new_finished_scores, state.finished_scores)
+  alive_steps = state.alive_steps + active.astype(jnp.int32)
+  can_improve = alive_logp[:, 0] / best_penalty > finished_scores.min(axis=1)
+  return _BeamState(
+      step=step + 1,
+      active=active & (alive_steps < budgets) & can_improve,
+      alive_steps=alive_steps,
+      alive_seqs=merge(new_alive_seqs, state.alive_seqs),
+      alive_logp=alive_logp,
+      finished_seqs=merge(new_finished_seqs, state.finished_seqs),
+      finished_scores=finished_scores,
+      finished_lengths=merge(new_finished_lengths, state.finished_lengths),
+      source_beam=merge(source_beam, jnp.broadcast_to(jnp.arange(beams), (batch, beams))),
+      token=merge(token, jnp.full_like(token, layout.pad_id)))
 
 
 def beam_search(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any,
@@ -194,6 +332,11 @@ def beam_search(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any,
   optimistically at the budget). The result is the best finished
   hypothesis, unless the budget stopped the row and its best alive
   (unfinished) beam scores higher, as greedy decoding would return it.
+
+  As in ``greedy_decode``, the first step ranks the prefill's logits and
+  each loop iteration reorders the cache rows, runs the model step
+  (unconditionally: frozen rows feed PAD to their unchanged beams) and
+  ranks again; the loop ends before a step whose logits nobody would use.
   """
   _check_static(layout, max_decode_length)
   if beam_size < 1:
@@ -201,86 +344,46 @@ def beam_search(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any,
   batch = prompt_tokens.shape[0]
   beams, width = beam_size, max_decode_length
   logits, cache = prefill_fn(cache, prompt_tokens, prompt_lengths)
-  vocab = logits.shape[-1]
-  bias = text_only_bias(layout, vocab)
+  logits = next_token_logits(logits, prompt_lengths)
+  bias = text_only_bias(layout, logits.shape[-1])
   axes = _batch_axes(cache, cache_batch_axes)
   cache = _expand_beams(cache, axes, beams)
-  next_logits = jnp.repeat(logits_at(logits, prompt_lengths).astype(jnp.float32), beams, axis=0)
   budgets = _row_budgets(budgets, batch, width)
-  best_penalty = length_penalty(budgets, alpha)           # optimistic bound per row
+  select = functools.partial(_beam_select, bias=bias, layout=layout, alpha=alpha,
+                             budgets=budgets, best_penalty=length_penalty(budgets, alpha))
 
-  def can_improve(alive_logp, finished_scores):
-    return alive_logp[:, 0] / best_penalty > finished_scores.min(axis=1)
+  state = _BeamState(
+      step=jnp.int32(0), active=budgets > 0, alive_steps=jnp.zeros((batch,), jnp.int32),
+      alive_seqs=jnp.zeros((batch, beams, width), jnp.int32),
+      alive_logp=jnp.tile(jnp.array([0.0] + [NEG_INF] * (beams - 1), jnp.float32),
+                          (batch, 1)),
+      finished_seqs=jnp.zeros((batch, beams, width), jnp.int32),
+      finished_scores=jnp.full((batch, beams), NEG_INF, jnp.float32),
+      finished_lengths=jnp.zeros((batch, beams), jnp.int32),
+      source_beam=jnp.zeros((batch, beams), jnp.int32),
+      token=jnp.zeros((batch, beams), jnp.int32))
+  state = select(state, jnp.repeat(logits, beams, axis=0))
 
-  def cond(state):
-    step, active = state[0], state[1]
-    return (step < width) & jnp.any(active)
+  def cond(carry):
+    state, _ = carry
+    return (state.step < width) & jnp.any(state.active)
 
-  def body(state):
-    (step, active, alive_steps, alive_seqs, alive_logp, finished_seqs, finished_scores,
-     finished_lengths, next_logits, cache) = state
-    log_probs = jax.nn.log_softmax(next_logits + bias).reshape(batch, beams, vocab)
-    candidates = (alive_logp[:, :, None] + log_probs).reshape(batch, beams * vocab)
-    top_logp, top_index = jax.lax.top_k(candidates, 2 * beams)
-    top_beam, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
-    top_seqs = jnp.take_along_axis(alive_seqs, top_beam[:, :, None], axis=1)
-    top_seqs = top_seqs.at[:, :, step].set(top_token)
-    is_eos = top_token == layout.eos_id
-    in_first_w = jnp.arange(2 * beams) < beams
+  def body(carry):
+    state, cache = carry
+    cache = _gather_beams(cache, axes, state.source_beam)
+    logits, cache = step_fn(cache, state.token.reshape(-1))
+    return select(state, logits), cache
 
-    # Finished: the best W of the old finished and this step's ranked EOS candidates.
-    eos_scores = jnp.where(is_eos & in_first_w, top_logp / length_penalty(step + 1, alpha),
-                           NEG_INF)
-    all_scores = jnp.concatenate([finished_scores, eos_scores], axis=1)
-    all_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
-    all_lengths = jnp.concatenate(
-        [finished_lengths, jnp.full((batch, 2 * beams), step + 1, jnp.int32)], axis=1)
-    new_finished_scores, keep = jax.lax.top_k(all_scores, beams)
-    new_finished_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
-    new_finished_lengths = jnp.take_along_axis(all_lengths, keep, axis=1)
-
-    # Alive: the best W candidates that did not end.
-    new_alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), beams)
-    new_alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
-    source_beam = jnp.take_along_axis(top_beam, keep, axis=1)
-    token = jnp.take_along_axis(top_token, keep, axis=1)
-
-    # Frozen rows (out of budget or unable to improve) keep their state.
-    def merge(new, old):
-      return jnp.where(active.reshape((batch,) + (1,) * (new.ndim - 1)), new, old)
-    alive_seqs = merge(new_alive_seqs, alive_seqs)
-    alive_logp = merge(new_alive_logp, alive_logp)
-    finished_seqs = merge(new_finished_seqs, finished_seqs)
-    finished_scores = merge(new_finished_scores, finished_scores)
-    finished_lengths = merge(new_finished_lengths, finished_lengths)
-    source_beam = merge(source_beam, jnp.broadcast_to(jnp.arange(beams), (batch, beams)))
-    token = merge(token, jnp.full_like(token, layout.pad_id))
-    alive_steps = alive_steps + active.astype(jnp.int32)
-    active = active & (alive_steps < budgets) & can_improve(alive_logp, finished_scores)
-
-    def advance():
-      return _step(step_fn, _gather_beams(cache, axes, source_beam), token.reshape(-1))
-    next_logits, cache = jax.lax.cond(
-        jnp.any(active) & (step + 1 < width), advance, lambda: (next_logits, cache))
-    return (step + 1, active, alive_steps, alive_seqs, alive_logp, finished_seqs,
-            finished_scores, finished_lengths, next_logits, cache)
-
-  state = (jnp.int32(0), budgets > 0, jnp.zeros((batch,), jnp.int32),
-           jnp.zeros((batch, beams, width), jnp.int32),
-           jnp.tile(jnp.array([0.0] + [NEG_INF] * (beams - 1), jnp.float32), (batch, 1)),
-           jnp.zeros((batch, beams, width), jnp.int32),
-           jnp.full((batch, beams), NEG_INF, jnp.float32),
-           jnp.zeros((batch, beams), jnp.int32), next_logits, cache)
-  (_, _, alive_steps, alive_seqs, alive_logp, finished_seqs, finished_scores,
-   finished_lengths, _, _) = jax.lax.while_loop(cond, body, state)
+  state, _ = jax.lax.while_loop(cond, body, (state, cache))
 
   # A row frozen because it could not improve has alive_score < its finished
   # scores, so the alive beam only wins where the budget cut the search short.
-  alive_score = alive_logp[:, 0] / length_penalty(alive_steps, alpha)
-  ended = (finished_scores[:, 0] > NEG_INF) & (finished_scores[:, 0] >= alive_score)
-  tokens = jnp.where(ended[:, None], finished_seqs[:, 0], alive_seqs[:, 0])
-  lengths = jnp.where(ended, finished_lengths[:, 0], alive_steps)
-  scores = jnp.where(ended, finished_scores[:, 0], alive_score)
+  alive_score = state.alive_logp[:, 0] / length_penalty(state.alive_steps, alpha)
+  best_finished = state.finished_scores[:, 0]
+  ended = (best_finished > NEG_INF) & (best_finished >= alive_score)
+  tokens = jnp.where(ended[:, None], state.finished_seqs[:, 0], state.alive_seqs[:, 0])
+  lengths = jnp.where(ended, state.finished_lengths[:, 0], state.alive_steps)
+  scores = jnp.where(ended, best_finished, alive_score)
   return DecodeResult(tokens, lengths, scores, ended)
 
 
@@ -313,17 +416,34 @@ def strip_to_text(tokens: jax.Array, lengths: jax.Array, layout: VocabLayout) ->
 # ----------------------------------------------------------------------------
 
 
-def cached_fns(module: decoder_lib.Decoder, params: Any) -> tuple[PrefillFn, StepFn]:
+def cached_fns(module: decoder_lib.Decoder, params: Any,
+               layout: Optional[VocabLayout] = None) -> tuple[PrefillFn, StepFn]:
   """The KV-cache decoder: prefill once, then one token per step.
+
+  The prefill projects the last prompt position only (``logits="last"``).
+  With ``layout``, the logits cover the text ids ``[0, layout.text_size)``
+  only: decoding never emits another id (``text_only_bias``), so tokens and
+  scores are the same, and the steps run ``decoder.restrict_vocab``'s
+  decoder, whose output projection has ``text_size`` rows (a third of
+  ``VocabLayout(1000, 2000)``'s 3,072; 89% of the paper's 56,320). Call it
+  outside the decoding loop (as ``greedy_decode`` and ``beam_search`` are
+  called), so that the embedding is sliced once.
 
   The cache comes from ``decoder.init_cache(module, batch, cache_length)``;
   ``cache_length`` must cover ``prompt_lengths + budgets``.
   """
+  step_module, step_params = module, params
+  if layout is not None:
+    step_module, step_params = decoder_lib.restrict_vocab(module, params, layout.text_size)
+  vocab = step_module.config.vocab_size
+
   def prefill_fn(cache, prompt_tokens, prompt_lengths):
-    return decoder_lib.prefill(module, params, cache, prompt_tokens, prompt_lengths)
+    logits, cache = decoder_lib.prefill(module, params, cache, prompt_tokens, prompt_lengths,
+                                        logits="last")
+    return logits[:, :vocab], cache
 
   def step_fn(cache, tokens):
-    return decoder_lib.decode_step(module, params, cache, tokens)
+    return decoder_lib.decode_step(step_module, step_params, cache, tokens)
   return prefill_fn, step_fn
 
 

@@ -155,7 +155,7 @@ class Scorer:
           decoder_lib.init_cache(module, batch, cache_length), cache_shardings)
       max_decode_length = min(self.decoding.max_decode_length, cache_length - 1)
       return decoding.decode(
-          *decoding.cached_fns(module, params), cache, prompt_tokens, lengths,
+          *decoding.cached_fns(module, params, self.layout), cache, prompt_tokens, lengths,
           layout=self.layout, max_decode_length=max_decode_length,
           method=self.decoding.method, beam_size=self.decoding.beam_size,
           alpha=self.decoding.length_penalty,

@@ -168,6 +168,45 @@ def test_kv_cache_decoding_matches_full_forward(variant):
   assert np.all(np.isfinite(overflow_logits[np.array([0, 2])]))
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "untied"])
+def test_prefill_last_logits_and_restricted_vocabulary(variant):
+  """logits="last" is the full prefill read at lengths - 1; restrict_vocab's
+  decoder steps give the first columns of the full decoder's logits."""
+  config = VARIANTS[variant].replace(dropout_rate=0.0)
+  params = _params(config)
+  lengths = np.array([3, 6, 1], np.int32)
+  prompts = _random_tokens(5, (3, 6))
+  prefill = jax.jit(decoder.prefill, static_argnums=0, static_argnames="logits")
+  cache = decoder.init_cache(config, batch_size=3, max_length=8)
+
+  everything, full_cache = prefill(config, params, cache, prompts, lengths)
+  last, last_cache = prefill(config, params, cache, prompts, lengths, logits="last")
+  assert everything.shape == (3, 6, 128) and last.shape == (3, 128)
+  np.testing.assert_allclose(last, decoder.last_logits(everything, lengths),
+                             atol=1e-5, rtol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, last_cache, full_cache)   # the same cache
+
+  text_model, text_params = decoder.restrict_vocab(config, params, 40)
+  assert text_model.config.vocab_size == 40
+  assert text_params["token_embedder"]["embedding"].shape == (40, 32)
+  tokens = np.array([7, 8, 39], np.int32)
+  full_step, full_next = _decode_step(config, params, full_cache, tokens)
+  text_step, text_next = _decode_step(text_model.config, text_params, full_cache, tokens)
+  assert text_step.shape == (3, 40)
+  np.testing.assert_allclose(text_step, full_step[:, :40], atol=1e-5, rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), text_next, full_next)
+
+
+def test_logits_positions_pick_one_position_per_row():
+  params = _params(TINY)
+  tokens = _random_tokens(6, (2, 5))
+  full = _forward(TINY, params, tokens)
+  picked = decoder.Decoder(TINY).apply({"params": params}, jnp.asarray(tokens),
+                                       logits_positions=jnp.array([4, 1]))
+  assert picked.shape == (2, 1, 128)
+  np.testing.assert_allclose(picked[:, 0], full[np.arange(2), [4, 1]], atol=1e-5, rtol=1e-5)
+
+
 def test_bad_cache_and_feature_shapes_raise():
   params = _params(TINY)
   prompts, lengths = np.full((2, 4), 5, np.int32), np.array([4, 2], np.int32)
@@ -182,6 +221,12 @@ def test_bad_cache_and_feature_shapes_raise():
     decoder.init_cache(TINY, 2, 64)
   with pytest.raises(ValueError, match="decoder_segment_ids has shape"):
     _forward(TINY, params, np.ones((1, 4), np.int32), segment_ids=np.ones((1, 3), np.int32))
+  with pytest.raises(ValueError, match="logits must be one of"):
+    decoder.prefill(TINY, params, cache, prompts, lengths, logits="first")
+  with pytest.raises(ValueError, match="vocab_size must lie in"):
+    decoder.restrict_vocab(TINY, params, 129)
+  with pytest.raises(ValueError, match="logits_positions must be"):
+    decoder.Decoder(TINY).apply({"params": params}, prompts, logits_positions=jnp.array([1]))
 
 
 def test_remat_and_scan_equal_plain_stack():

@@ -4,6 +4,7 @@ stopping, budgets and the text-only mask on hand-built models."""
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -57,8 +58,11 @@ def _prompts():
   return prompt
 
 
-def _run(config, cached, method, **kwargs):
-  """Decodes the test prompts; params are jit arguments (not baked-in constants)."""
+def _run(config, cached, method, text_logits=False, **kwargs):
+  """Decodes the test prompts; params are jit arguments (not baked-in constants).
+
+  ``text_logits``: the cached model projects onto the text ids only.
+  """
   module = decoder.Decoder(config)
   if cached:
     cache = decoder.init_cache(module, BATCH, PROMPT + WIDTH)
@@ -71,9 +75,12 @@ def _run(config, cached, method, **kwargs):
 
   @jax.jit
   def run(params, cache, prompt, lengths):
-    fns = decoding.cached_fns if cached else decoding.uncached_fns
-    return search(*fns(module, params), cache, prompt, lengths, layout=LAYOUT,
-                  max_decode_length=WIDTH, **kwargs)
+    if cached:
+      fns = decoding.cached_fns(module, params, LAYOUT if text_logits else None)
+    else:
+      fns = decoding.uncached_fns(module, params)
+    return search(*fns, cache, prompt, lengths, layout=LAYOUT, max_decode_length=WIDTH,
+                  **kwargs)
   return jax.device_get(run(_random_params(config), cache, _prompts(), PROMPT_LENGTHS))
 
 
@@ -100,6 +107,11 @@ def test_cached_greedy_equals_naive_full_forward(config):
   # and the outputs are not one token repeated.
   assert cached.ended.any() and not cached.ended.all()
   assert len(np.unique(cached.tokens[cached.tokens > 1])) > 3
+  # Projecting onto the text ids only changes nothing.
+  text = _run(config, True, "greedy", text_logits=True)
+  np.testing.assert_array_equal(text.tokens, cached.tokens)
+  np.testing.assert_array_equal(text.lengths, cached.lengths)
+  np.testing.assert_allclose(text.scores, cached.scores, rtol=1e-5, atol=1e-5)
 
 
 def test_cached_beam_search_equals_naive_with_scanned_layers():
@@ -110,6 +122,48 @@ def test_cached_beam_search_equals_naive_with_scanned_layers():
   np.testing.assert_array_equal(cached.lengths, naive.lengths)
   np.testing.assert_allclose(cached.scores, naive.scores, rtol=1e-4, atol=1e-4)
   _check_well_formed(cached)
+  text = _run(config, True, "beam", text_logits=True, beam_size=3, alpha=0.6)
+  np.testing.assert_array_equal(text.tokens, cached.tokens)
+  np.testing.assert_allclose(text.scores, cached.scores, rtol=1e-5, atol=1e-5)
+
+
+def _cache_sized_instructions(hlo: str, cache_shape) -> list[str]:
+  """The while loop body's cache-sized instructions: ``opcode``, plus
+  " scatter" for the one-slot writes and " transposed" for a result in
+  another axis order (e.g. ``["get-tuple-element", "fusion scatter"]``)."""
+  body = re.search(r" while\(.*?body=%?([\w.\-]+)", hlo).group(1)
+  lines = hlo.splitlines()
+  start = next(i for i, line in enumerate(lines) if re.match(rf"%?{re.escape(body)} ", line))
+  found = []
+  for line in lines[start + 1:]:
+    if line.startswith("}"):
+      break
+    match = re.match(r"\s+(?:ROOT )?%?\S+ = f32\[([\d,]+)\]\S* (\S+?)\(", line)
+    if not match:
+      continue
+    shape = tuple(map(int, match.group(1).split(",")))
+    if sorted(shape) == sorted(cache_shape):
+      found.append(match.group(2) + (" scatter" if "scatter" in line else "")
+                   + ("" if shape == tuple(cache_shape) else " transposed"))
+  return found
+
+
+def test_greedy_loop_updates_the_cache_in_place():
+  """No copy or transpose of a cache buffer per step: the loop body's only
+  cache-sized results are the loop-carried buffers and their one-slot writes."""
+  module = decoder.Decoder(CONFIG)
+  cache = decoder.init_cache(module, BATCH, PROMPT + WIDTH)
+
+  def run(params, cache, prompt, lengths):
+    return decoding.greedy_decode(*decoding.cached_fns(module, params, LAYOUT), cache, prompt,
+                                  lengths, layout=LAYOUT, max_decode_length=WIDTH)
+  hlo = jax.jit(run).lower(_random_params(CONFIG), cache, _prompts(),
+                           PROMPT_LENGTHS).compile().as_text()
+  cache_shape = cache["layers_0"]["attention"]["cached_key"].shape   # [4, 22, 4, 8]
+  found = _cache_sized_instructions(hlo, cache_shape)
+  leaves = 2 * CONFIG.num_layers                                      # keys and values
+  assert sorted(set(found)) == ["fusion scatter", "get-tuple-element"], found
+  assert found.count("fusion scatter") == leaves, found
 
 
 def test_beam_size_one_equals_greedy():
@@ -257,6 +311,14 @@ def test_beam_search_never_emits_non_text_ids_and_respects_budgets():
   np.testing.assert_array_equal(result.tokens[1], [5, 5, 5, 0, 0, 0])
   np.testing.assert_array_equal(result.lengths, [3, 3])
   np.testing.assert_array_equal(result.ended, [True, False])
+
+
+def test_first_max_is_argmax_with_the_first_of_ties():
+  x = jnp.array([[1.0, 3.0, 3.0, -jnp.inf], [2.0, 0.0, 2.0, 2.0], [-jnp.inf, 0.5, -1.0, 0.5]])
+  index, best = decoding._first_max(x)
+  np.testing.assert_array_equal(index, [1, 0, 1])
+  np.testing.assert_array_equal(index, jnp.argmax(x, axis=-1))
+  np.testing.assert_array_equal(best, [3.0, 2.0, 0.5])
 
 
 def test_bad_arguments_raise():

@@ -13,9 +13,11 @@ Three modes (``mode`` attribute):
   ``< prefill_lengths[b]`` are written to cache slots ``[0, P)``; the rest of
   the first P slots are zeroed.
 * ``"decode"``: one token per row. Its key/value go to slot
-  ``cache_index[b]`` of the cache (a per-row scatter), and it attends to slots
-  ``<= cache_index[b]``. Rows whose cache is already full
-  (``cache_index[b] >= max_length``) get NaN outputs instead of silently
+  ``cache_index[b]`` of the cache (a per-row scatter, in place inside a
+  decoding loop), and it attends to slots ``<= cache_index[b]`` by
+  elementwise products reduced over the cache in its own layout (no per-step
+  transpose of the cache, see ``_attend_one``). Rows whose cache is already
+  full (``cache_index[b] >= max_length``) get NaN outputs instead of silently
   overwriting the last slot.
 
 The cache lives in the ``'cache'`` collection::
@@ -114,7 +116,10 @@ class SelfAttention(nn.Module):
       elif cache_ready:
         self._prefill_update(cached_key, cached_value, key, value, prefill_lengths)
 
-    out = self._attend(query, key, value, mask)
+    if self.mode == "decode" and mask is not None and query.shape[1] == 1:
+      out = self._attend_one(query, key, value, mask)
+    else:
+      out = self._attend(query, key, value, mask)
     if overflow is not None:
       out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
     out = projection("out", (heads, head_dim), (cfg.embed_dim,), ("heads", "kv", "embed"),
@@ -158,14 +163,43 @@ class SelfAttention(nn.Module):
       variable.value = nn.with_logical_constraint(
           jax.lax.dynamic_update_slice(variable.value, new, (0, 0, 0, 0)), CACHE_AXES)
 
-  def _attend(self, query, key, value, mask):
-    """Softmax attention in float32; ``[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]``."""
+  def _attend_one(self, query, key, value, mask):
+    """``_attend`` for one query per row against the cache, without transposes.
+
+    ``query [B, 1, H, D]``, ``key``/``value [B, M, H, D]`` (the cache
+    layout), ``mask [B, 1, 1, M]`` -> ``[B, 1, H, D]``. The einsums of
+    ``_attend`` contract per (batch, head), which XLA on CPU serves by
+    transposing every cache buffer to ``[B, H, ., .]`` at every step (a
+    full copy of the cache, most of a small model's step time); here the
+    scores are ``sum_d q[b, h, d] * k[b, m, h, d]`` and the output
+    ``sum_m p[b, m, h] * v[b, m, h, d]``: elementwise products reduced in
+    float32, each reading a cache buffer once in its own layout.
+    """
     cfg = self.config
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+    scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)  # [B, M, H]
+    scores = scores / math.sqrt(cfg.head_dim)
+    scores = jnp.where(mask[:, 0, 0, :, None], scores, _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=1)
+    probs = nn.Dropout(rate=cfg.dropout_rate)(probs, deterministic=self.deterministic)
+    out = jnp.sum(probs[..., None] * value.astype(jnp.float32), axis=1, keepdims=True)
+    return nn.with_logical_constraint(out.astype(cfg.compute_dtype), HEAD_ACTIVATION_AXES)
+
+  def _attend(self, query, key, value, mask):
+    """Softmax attention in float32; ``[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]``.
+
+    The heads are moved in front (``[B, H, L, D]``) before the two batched
+    matmuls: XLA on CPU runs ``bhqd,bhkd->bhqk`` and ``bhqk,bhkd->bhqd`` 1.3-1.9x
+    faster than the same contractions written over ``[B, L, H, D]`` (whose
+    layouts it picks itself, e.g. a ``[B, H, D, Lq]`` output), forward and
+    backward.
+    """
+    cfg = self.config
+    query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key).astype(jnp.float32)
     scores = scores / math.sqrt(cfg.head_dim)
     if mask is not None:
       scores = jnp.where(mask, scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(rate=cfg.dropout_rate)(probs, deterministic=self.deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.compute_dtype), value)
-    return nn.with_logical_constraint(out, HEAD_ACTIVATION_AXES)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(cfg.compute_dtype), value)
+    return nn.with_logical_constraint(jnp.swapaxes(out, 1, 2), HEAD_ACTIVATION_AXES)

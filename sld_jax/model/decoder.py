@@ -41,6 +41,8 @@ of different lengths need no left-padding because the cache keeps a per-row
   prompt = [[5, 6, 7], [5, 0, 0]]; lengths = [3, 1]
   logits, cache = prefill(config, params, cache, prompt, lengths)
   next_token = argmax(last_logits(logits, lengths))   # logits at [2] and [0]
+  # the same next-token logits [B, V], projected at those positions only:
+  #   prefill(config, params, cache, prompt, lengths, logits="last")
   # cache_index == [3, 1]
   step_logits, cache = decode_step(config, params, cache, next_token)
   # row 0 wrote slot 3 (position 3), row 1 slot 1; cache_index == [4, 2]
@@ -107,8 +109,9 @@ class Decoder(nn.Module):
                enable_dropout: bool = False,
                decode: bool = False,
                prefill: bool = False,
-               prefill_lengths: Optional[Array] = None) -> Array:
-    """Returns float32 logits ``[B, L, V]``.
+               prefill_lengths: Optional[Array] = None,
+               logits_positions: Optional[Array] = None) -> Array:
+    """Returns float32 logits ``[B, L, V]`` (``[B, 1, V]`` with ``logits_positions``).
 
     Args:
       decoder_input_tokens: int ``[B, L]``.
@@ -123,6 +126,14 @@ class Decoder(nn.Module):
         length is the input length.
       prefill: run the prompt and write its keys/values to the cache;
         ``prefill_lengths [B]`` gives the real prompt lengths.
+      logits_positions: int ``[B]``: run the final norm and the output
+        projection at position ``logits_positions[b]`` of row b only and
+        return ``[B, 1, V]``, e.g. ``prefill_lengths - 1`` for the next-token
+        logits of right-padded prompts. With ``tokens [[5, 6, 7], [5, 0, 0]]``
+        and ``logits_positions [2, 0]`` the result is the full forward's
+        ``logits[0, 2]`` and ``logits[1, 0]``, at ``1/L`` of the projection's
+        cost (``[B, L, E] x [E, V]`` is most of a prompt pass's FLOPs when
+        V is large).
     """
     cfg = self.config
     tokens = decoder_input_tokens
@@ -183,6 +194,12 @@ class Decoder(nn.Module):
     if decoding:
       index.value = cache_index + 1
 
+    if logits_positions is not None:
+      logits_positions = jnp.asarray(logits_positions, jnp.int32)
+      if logits_positions.shape != (batch,):
+        raise ValueError(
+            f"logits_positions must be [batch] = ({batch},), got {logits_positions.shape}")
+      x = jnp.take_along_axis(x, logits_positions[:, None, None], axis=1)
     x = layers.make_norm(cfg, "final_norm")(x)
     logits_dtype = _logits_dtype(cfg)
     if cfg.tie_embeddings:
@@ -298,24 +315,37 @@ def _check_concrete_lengths(lengths: Array, prompt_length: int, where: str) -> N
         f"{where}: lengths must lie in [1, {prompt_length}], got {values.tolist()}")
 
 
+PREFILL_LOGITS = ("all", "last")
+
+
 def prefill(config_or_model: Union[DecoderConfig, Decoder], params: Params, cache: Cache,
-            prompt_tokens: Array, prompt_lengths: Array) -> tuple[Array, Cache]:
+            prompt_tokens: Array, prompt_lengths: Array, *,
+            logits: str = "all") -> tuple[Array, Cache]:
   """Runs right-padded prompts ``[B, P]`` once and fills the cache.
 
   Keys/values of positions ``< prompt_lengths[b]`` go to slots ``[0, P)`` (the
   rest are zeroed and never attended) and ``cache_index`` becomes
-  ``prompt_lengths``. Returns the full logits ``[B, P, V]``; the next-token
-  logits are ``last_logits(logits, prompt_lengths)``.
+  ``prompt_lengths``.
+
+  ``logits="all"`` returns the logits of every prompt position ``[B, P, V]``
+  (the next-token logits are ``last_logits(logits, prompt_lengths)``);
+  ``logits="last"`` returns only those next-token logits ``[B, V]``, the
+  output projection computed at position ``prompt_lengths[b] - 1`` alone
+  (what decoding needs: no ``[B, P, V]`` buffer, ``1/P`` of its FLOPs).
   """
+  if logits not in PREFILL_LOGITS:
+    raise ValueError(f"prefill: logits must be one of {PREFILL_LOGITS}, got {logits!r}")
   model = _as_model(config_or_model)
   prompt_tokens = jnp.asarray(prompt_tokens)
   if prompt_tokens.ndim != 2:
     raise ValueError(f"prefill: prompt_tokens must be [batch, length], got {prompt_tokens.shape}")
   _check_concrete_lengths(prompt_lengths, prompt_tokens.shape[1], "prefill")
-  logits, updated = model.apply({"params": params, "cache": cache}, prompt_tokens,
-                                prefill=True, prefill_lengths=jnp.asarray(prompt_lengths),
-                                mutable=["cache"])
-  return logits, updated["cache"]
+  prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  positions = jnp.maximum(prompt_lengths - 1, 0) if logits == "last" else None
+  out, updated = model.apply({"params": params, "cache": cache}, prompt_tokens,
+                             prefill=True, prefill_lengths=prompt_lengths,
+                             logits_positions=positions, mutable=["cache"])
+  return (out[:, 0] if logits == "last" else out), updated["cache"]
 
 
 def decode_step(config_or_model: Union[DecoderConfig, Decoder], params: Params, cache: Cache,
@@ -333,6 +363,41 @@ def decode_step(config_or_model: Union[DecoderConfig, Decoder], params: Params, 
   logits, updated = model.apply({"params": params, "cache": cache}, tokens[:, None],
                                 decode=True, mutable=["cache"])
   return logits[:, 0], updated["cache"]
+
+
+def restrict_vocab(config_or_model: Union[DecoderConfig, Decoder], params: Params,
+                   vocab_size: int) -> tuple[Decoder, Params]:
+  """The same decoder over the ids ``[0, vocab_size)`` only.
+
+  Returns a ``Decoder`` with ``config.vocab_size = vocab_size`` and params
+  whose token embedding keeps its first ``vocab_size`` rows (and an untied
+  ``logits_dense`` its first ``vocab_size`` columns); the rest is shared. It
+  reads only ids below ``vocab_size`` (others embed as NaN) and its logits
+  are the first ``vocab_size`` columns of the full decoder's. For KV-cache
+  decode steps that only ever feed and score text ids: slice once, outside
+  the decoding loop, and every step projects onto ``vocab_size`` rows (a
+  slice taken inside the loop would be copied at every step). The cache is
+  the full decoder's.
+
+  ``restrict_vocab(config, params, 3)`` on ``V = 5``, ``E = 2``::
+
+    embedding [[a0, a1], [b0, b1], [c0, c1], [d0, d1], [e0, e1]]
+           -> [[a0, a1], [b0, b1], [c0, c1]]
+  """
+  model = _as_model(config_or_model)
+  cfg = model.config
+  if not 0 < vocab_size <= cfg.vocab_size:
+    raise ValueError(
+        f"restrict_vocab: vocab_size must lie in [1, {cfg.vocab_size}], got {vocab_size}")
+  params = dict(params)
+  embedder = dict(params["token_embedder"])
+  embedder["embedding"] = embedder["embedding"][:vocab_size]
+  params["token_embedder"] = embedder
+  if not cfg.tie_embeddings:
+    dense = dict(params["logits_dense"])
+    dense["kernel"] = dense["kernel"][:, :vocab_size]
+    params["logits_dense"] = dense
+  return Decoder(cfg.replace(vocab_size=vocab_size)), params
 
 
 def last_logits(logits: Array, lengths: Array) -> Array:

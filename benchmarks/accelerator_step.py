@@ -73,7 +73,7 @@ def model_flops_per_token(params: Any, num_layers: int, embed_dim: int,
   matmul_params = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = "/".join(str(getattr(key, "key", key)) for key in path)
-    if leaf.ndim >= 2 and "pos_embed" not in names and "position" not in names:
+    if leaf.ndim >= 2 and not names.endswith("bias") and "position" not in names:
       matmul_params += int(np.prod(leaf.shape))
   return 6 * matmul_params + 12 * num_layers * embed_dim * length, matmul_params
 

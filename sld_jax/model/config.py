@@ -17,6 +17,11 @@ _NORMS = ("layernorm", "rmsnorm")
 _POSITIONS = ("learned", "rope")
 _MLPS = ("gelu", "swiglu")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "einsum": attention written out (scores [B, H, L, L] in float32), with
+# attention dropout. "xla" / "cudnn": ``jax.nn.dot_product_attention`` with the
+# packed causal mask; "cudnn" is cuDNN's fused flash attention (GPU only, no
+# [L, L] score tensor in memory). The fused ones take no attention dropout.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +39,8 @@ class DecoderConfig:
   mlp_dim: int = 512
   max_length: int = 1024
   dropout_rate: float = 0.1
+  attention_dropout_rate: Optional[float] = None   # None: dropout_rate
+  attention_implementation: str = "einsum"
   norm: str = "layernorm"
   position: str = "learned"
   mlp: str = "gelu"
@@ -59,6 +66,16 @@ class DecoderConfig:
         raise ValueError(
             f"DecoderConfig.{field} must be one of {tuple(_DTYPES)}, "
             f"got {getattr(self, field)!r}")
+    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+          f"DecoderConfig.attention_implementation must be one of "
+          f"{ATTENTION_IMPLEMENTATIONS}, got {self.attention_implementation!r}")
+    if self.attention_implementation != "einsum" and self.attention_dropout > 0:
+      raise ValueError(
+          f"DecoderConfig.attention_implementation={self.attention_implementation!r} "
+          f"has no attention dropout, but the attention dropout rate is "
+          f"{self.attention_dropout} (attention_dropout_rate, else dropout_rate); "
+          "set attention_dropout_rate=0.0 or use attention_implementation='einsum'")
     if self.embed_dim % self.num_heads:
       raise ValueError(
           f"DecoderConfig.embed_dim={self.embed_dim} is not divisible by "
@@ -67,6 +84,13 @@ class DecoderConfig:
   @property
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
+
+  @property
+  def attention_dropout(self) -> float:
+    """Dropout on attention probabilities (``dropout_rate`` unless overridden)."""
+    if self.attention_dropout_rate is None:
+      return self.dropout_rate
+    return self.attention_dropout_rate
 
   @property
   def compute_dtype(self):

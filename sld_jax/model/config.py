@@ -61,7 +61,9 @@ class DecoderConfig:
           f"DecoderConfig.position must be one of {_POSITIONS}, got {self.position!r}")
     if self.mlp not in _MLPS:
       raise ValueError(f"DecoderConfig.mlp must be one of {_MLPS}, got {self.mlp!r}")
-    for field in ("dtype", "param_dtype"):
+    for field in ("dtype", "param_dtype", "logits_via_embedding_dtype"):
+      if field == "logits_via_embedding_dtype" and self.logits_via_embedding_dtype is None:
+        continue
       if getattr(self, field) not in _DTYPES:
         raise ValueError(
             f"DecoderConfig.{field} must be one of {tuple(_DTYPES)}, "
@@ -99,6 +101,11 @@ class DecoderConfig:
   @property
   def params_dtype(self):
     return _DTYPES[self.param_dtype]
+
+  @property
+  def logits_dtype(self):
+    """The output projection's dtype (``logits_via_embedding_dtype``, else float32)."""
+    return _DTYPES[self.logits_via_embedding_dtype or "float32"]
 
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)

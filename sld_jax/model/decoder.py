@@ -68,7 +68,6 @@ Params = Any
 Cache = Any
 
 LOGITS_AXES = ("batch", "length", "vocab")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class DecoderLayer(nn.Module):
@@ -207,7 +206,7 @@ class Decoder(nn.Module):
     x = layers.make_norm(cfg, "final_norm")(x)
     if return_hidden and not self.is_initializing():
       return nn.with_logical_constraint(x, layers.EMBED_ACTIVATION_AXES)
-    logits_dtype = _logits_dtype(cfg)
+    logits_dtype = cfg.logits_dtype
     if cfg.tie_embeddings:
       logits = token_embedder.attend(x, dtype=logits_dtype)
     else:
@@ -257,26 +256,13 @@ def vocab_projection(config: DecoderConfig, params: Params, num_rows: int
     table = params["token_embedder"]["embedding"][:num_rows]           # [n, E]
   else:
     table = jnp.swapaxes(params["logits_dense"]["kernel"][:, :num_rows], 0, 1)
-  dtype = _logits_dtype(config)
+  dtype = config.logits_dtype
 
   def project(hidden: Array) -> Array:
     logits = jnp.einsum("...e,ve->...v", hidden.astype(dtype), table.astype(dtype),
                         preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, LOGITS_AXES[-logits.ndim:])
   return project
-
-
-def _logits_dtype(config: DecoderConfig):
-  name = config.logits_via_embedding_dtype or "float32"
-  if name not in _DTYPES:
-    raise ValueError(
-        f"DecoderConfig.logits_via_embedding_dtype must be None or one of "
-        f"{tuple(_DTYPES)}, got {name!r}")
-  return _DTYPES[name]
-
-
-def build_model(config: DecoderConfig) -> Decoder:
-  return Decoder(config)
 
 
 def _as_model(config_or_model: Union[DecoderConfig, Decoder]) -> Decoder:

@@ -9,8 +9,9 @@
 - The chunked loss's compiled gradient holds less temporary memory than the
   reference's (XLA's own memory analysis of the CPU executable).
 - ``DecoderConfig.attention_implementation="xla"`` (``jax.nn.dot_product_attention``,
-  the portable twin of the cuDNN path) == the written-out ``"einsum"``
-  attention, forward and backward, float32 and bfloat16.
+  the portable twin of the cuDNN path) and ``"splash"`` (the Pallas TPU
+  kernel, interpreted on CPU) == the written-out ``"einsum"`` attention on
+  packed rows, forward and backward, float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from sld_jax import losses
 from sld_jax.lm import SpeechTextLM
 from sld_jax.model import decoder
+from sld_jax.model import splash
 from sld_jax.model.config import DecoderConfig
 from sld_jax.vocab import VocabLayout
 
@@ -170,17 +172,21 @@ def _attention_params_and_inputs(config, seed=0):
                         is_leaf=lambda x: hasattr(x, "value"))
   params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
                         shapes)
-  tokens = rng.integers(1, config.vocab_size, (2, 12)).astype(np.int32)
-  segments = np.array([[1] * 5 + [2] * 6 + [0], [1] * 12], np.int32)
-  positions = np.array([list(range(5)) + list(range(6)) + [0], list(range(12))], np.int32)
+  length = config.max_length               # splash takes multiples of 128
+  tokens = rng.integers(1, config.vocab_size, (2, length)).astype(np.int32)
+  segments = np.array([[1] * 50 + [2] * 60 + [0] * (length - 110), [1] * length], np.int32)
+  positions = np.array([list(range(50)) + list(range(60)) + [0] * (length - 110),
+                        list(range(length))], np.int32)
   return params, tokens, positions, segments
 
 
+@pytest.mark.parametrize("implementation", ["xla", "splash"])
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 2e-5), ("bfloat16", 3e-2)])
-def test_dot_product_attention_equals_einsum_attention(dtype, tolerance):
+def test_fused_attention_equals_einsum_attention(implementation, dtype, tolerance):
+  """"xla" is cuDNN's portable twin; "splash" runs its Pallas kernel interpreted."""
   einsum = DecoderConfig(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
-                         max_length=16, dropout_rate=0.0, dtype=dtype)
-  fused = einsum.replace(attention_implementation="xla")
+                         max_length=128, dropout_rate=0.0, dtype=dtype)
+  fused = einsum.replace(attention_implementation=implementation)
   params, tokens, positions, segments = _attention_params_and_inputs(einsum)
   real = segments > 0
 
@@ -212,3 +218,9 @@ def test_fused_attention_refuses_attention_dropout():
   assert config.attention_dropout == 0.0 and config.dropout_rate == 0.1
   with pytest.raises(ValueError, match="attention_implementation must be one of"):
     DecoderConfig(**base, attention_implementation="flash")
+
+
+def test_splash_attention_names_the_length_it_needs():
+  query = jnp.zeros((1, 100, 2, 8))
+  with pytest.raises(ValueError, match=r"row length \(100\) to be a multiple of 128"):
+    splash.splash_attention(query, query, query, jnp.ones((1, 100), jnp.int32), 1.0)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from sld_jax.model import layers
 from sld_jax.model import masks
+from sld_jax.model import splash
 from sld_jax.model.config import DecoderConfig
 
 Array = jnp.ndarray
@@ -78,7 +79,9 @@ class SelfAttention(nn.Module):
     Args:
       x: normalised residual stream.
       mask: boolean ``[B|1, 1, L, L]`` (modes "full"/"prefill"); ignored in
-        "decode", where the mask comes from ``cache_index``.
+        "decode", where the mask comes from ``cache_index``. With
+        ``attention_implementation="splash"``: the int segment ids ``[B, L]``
+        instead (splash makes the causal mask itself).
       positions: ``[B, L]`` positions, used for RoPE.
       cache_index: ``[B]`` slot of the new token (mode "decode").
       prefill_lengths: ``[B]`` real prompt lengths (mode "prefill").
@@ -217,8 +220,11 @@ class SelfAttention(nn.Module):
     path (what CPU tests compare against ``_attend``).
     """
     cfg = self.config
-    implementation = "cudnn" if cfg.attention_implementation == "cudnn" else "xla"
-    out = jax.nn.dot_product_attention(query, key, value, mask=mask,
-                                       scale=1.0 / math.sqrt(cfg.head_dim),
-                                       implementation=implementation)
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    if cfg.attention_implementation == "splash":
+      out = splash.splash_attention(query, key, value, mask, scale)
+    else:
+      implementation = "cudnn" if cfg.attention_implementation == "cudnn" else "xla"
+      out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
+                                         implementation=implementation)
     return nn.with_logical_constraint(out.astype(cfg.compute_dtype), HEAD_ACTIVATION_AXES)

@@ -20,8 +20,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # "einsum": attention written out (scores [B, H, L, L] in float32), with
 # attention dropout. "xla" / "cudnn": ``jax.nn.dot_product_attention`` with the
 # packed causal mask; "cudnn" is cuDNN's fused flash attention (GPU only, no
-# [L, L] score tensor in memory). The fused ones take no attention dropout.
-ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+# [L, L] score tensor in memory). "splash": Pallas splash attention with
+# segment ids (TPU; interpret mode elsewhere, ``model/splash.py``). The fused
+# ones take no attention dropout.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,7 +178,14 @@ class Decoder(nn.Module):
 
     if decoder_positions is None:
       decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-    mask = None if decoding else masks.decoder_attention_mask(length, decoder_segment_ids)
+    if decoding:
+      mask = None
+    elif cfg.attention_implementation == "splash":
+      # Splash builds the causal mask block-sparsely; it takes the segments.
+      mask = (jnp.ones(tokens.shape, jnp.int32) if decoder_segment_ids is None
+              else decoder_segment_ids)
+    else:
+      mask = masks.decoder_attention_mask(length, decoder_segment_ids)
 
     token_embedder = layers.Embed(cfg.vocab_size, cfg.embed_dim, ("vocab", "embed"),
                                   dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,

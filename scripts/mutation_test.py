@@ -47,6 +47,8 @@ DECODER = ("tests/test_decoder.py",)
 DECODING = ("tests/test_decoding.py",)
 WER = ("tests/test_wer.py",)
 RESUME = ("tests/test_resume.py",)
+INPUT = ("tests/test_input_pipeline.py", *RESUME)
+CHECKPOINTS = ("tests/test_checkpointing.py", *RESUME)
 
 MUTATIONS: tuple[Mutation, ...] = (
     # --- losses ------------------------------------------------------------
@@ -74,6 +76,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("losses/paper_target_eps", "sld_jax/losses.py",
       "other = epsilon / num_units\n", "other = epsilon / (num_units - 1)\n", LOSSES,
       "label smoothing spread over K-1 classes"),
+    M("losses/reference_kl_per_token", "sld_jax/losses.py",
+      "kl_mask, denominator = text_mask | speech_mask, num_sequences",
+      "kl_mask, denominator = text_mask | speech_mask, num_units_tokens", LOSSES,
+      "reference KL averaged per unit token instead of per sequence"),
+    M("losses/kl_other_targets_wrong_class", "sld_jax/losses.py",
+      "class_logit = jnp.where(unit_mask, target_logit, real_logits[..., offset])",
+      "class_logit = jnp.where(unit_mask, target_logit, real_logits[..., offset + 1])",
+      LOSSES, "reference KL of non-unit targets reads unit class 1, not 0"),
     M("vocab/text_includes_pad", "sld_jax/vocab.py",
       "return (ids > PAD_ID) & (ids < self.text_size)",
       "return (ids >= PAD_ID) & (ids < self.text_size)",
@@ -142,10 +152,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       ("tests/test_train_smoke.py",), "seqio batches resume one step late"),
     M("input/synthetic_resume_off_by_one", "sld_jax/input_pipeline.py",
       "    step = start_step\n    while True:", "    step = start_step + 1\n    while True:",
-      RESUME, "synthetic batches resume one step late"),
+      INPUT, "synthetic batches resume one step late"),
     M("input/position_examples", "sld_jax/input_pipeline.py",
       '"examples": int(step) * self.global_batch_size',
-      '"examples": (int(step) + 1) * self.global_batch_size', RESUME,
+      '"examples": (int(step) + 1) * self.global_batch_size', INPUT,
       "checkpoint data position counts one batch too many"),
     M("trainer/resume_step_off_by_one", "sld_jax/trainer.py",
       "start_step = int(jax.device_get(state.step))",
@@ -154,13 +164,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- checkpointing --------------------------------------------------------
     M("checkpointing/force_ignored", "sld_jax/checkpointing.py",
       "if not (force or self.is_save_step(step))", "if not self.is_save_step(step)",
-      RESUME, "final/preemption checkpoints off the interval are not written"),
+      CHECKPOINTS, "final/preemption checkpoints off the interval are not written"),
     M("checkpointing/restore_oldest", "sld_jax/checkpointing.py",
       "      step = self.latest_step()\n", "      step = min(self.all_steps(), default=None)\n",
-      RESUME, "restore reads the oldest checkpoint"),
+      CHECKPOINTS, "restore reads the oldest checkpoint"),
     M("checkpointing/saves_step_0", "sld_jax/checkpointing.py",
       "return step > 0 and step % self.save_interval_steps == 0",
-      "return step % self.save_interval_steps == 0", RESUME,
+      "return step % self.save_interval_steps == 0", CHECKPOINTS,
       "a checkpoint of the untrained step 0"),
     # --- the issue-18 mutations ---------------------------------------------
     M("model/bf16_ignored", "sld_jax/model/config.py",

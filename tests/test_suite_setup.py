@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -71,3 +72,17 @@ def test_corpus_dir_is_keyed_by_the_code_that_builds_it(tmp_path):
   (tmp_path / "opts.gin").write_text("x = 2\n")
   changed_options = conftest.corpus_code_hash(tmp_path, paths)
   assert len({before, changed_code, changed_options}) == 3
+
+
+def _warn_from(module: str) -> None:
+  warnings.warn_explicit("old API", DeprecationWarning, f"{module}.py", 1,
+                         module=module)
+
+
+def test_our_deprecation_warnings_are_errors_and_third_party_ones_ignored():
+  """pyproject.toml's filterwarnings, as pytest applied them to this test."""
+  for ours in ("sld_jax.wer", "sld_jax", "tasks.batches"):
+    with pytest.raises(DeprecationWarning, match="old API"):
+      _warn_from(ours)
+  for theirs in ("tensorflow.python.util", "seqio.dataset_providers", "sld_jaxish"):
+    _warn_from(theirs)  # ignored: no error

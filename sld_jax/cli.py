@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging as py_logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -66,11 +67,35 @@ class QuietLibraries(py_logging.Filter):
         record.levelno > py_logging.WARNING and self.verbose_errors)
 
 
+def _quiet_closed_loops(hook):
+  """An excepthook that drops "Event loop is closed" from library callbacks.
+
+  When a checkpoint save fails (e.g. the disk is full), tensorstore's
+  completion callbacks try to wake orbax's event loops, which the failure
+  already closed; each prints that traceback through ``sys.excepthook``
+  (a dozen or more). The failure itself is reported by ``report_errors``.
+  """
+
+  def quiet(exc_type, value, traceback):
+    if exc_type is RuntimeError and str(value) == "Event loop is closed":
+      logging.debug("ignored a library callback on a closed event loop")
+      return
+    hook(exc_type, value, traceback)
+
+  return quiet
+
+
 def start(argv: Sequence[str]) -> None:
   """Rejects stray arguments, quiets library logs, joins the process group."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
   logging.get_absl_handler().addFilter(QuietLibraries(FLAGS.verbose_errors))
+  if not FLAGS.verbose_errors:
+    sys.excepthook = _quiet_closed_loops(sys.excepthook)
+    previous_unraisable = sys.unraisablehook
+    sys.unraisablehook = lambda info: None if (
+        isinstance(info.exc_value, RuntimeError)
+        and str(info.exc_value) == "Event loop is closed") else previous_unraisable(info)
   distributed.initialize(
       FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
       [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None)
@@ -87,8 +112,15 @@ def report_errors(main: Callable[[Sequence[str]], None],
     except known as e:
       if FLAGS.verbose_errors:
         raise
-      print(f"error: {e}", file=sys.stderr, flush=True)
+      # gin appends "In call to configurable ..." lines to the messages.
+      message = "\n".join(line for line in str(e).splitlines()
+                          if not line.strip().startswith("In call to configurable"))
+      print(f"error: {message}", file=sys.stderr, flush=True)
       print("(run with --verbose_errors for the traceback)", file=sys.stderr, flush=True)
-      sys.exit(1)
+      # Skip interpreter teardown: library threads (orbax's event loops) left
+      # by the failure would print their own shutdown tracebacks. Everything
+      # of ours is closed and flushed by now.
+      logging.flush()
+      os._exit(1)  # pylint: disable=protected-access
 
   return wrapped

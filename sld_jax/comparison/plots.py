@@ -27,7 +27,7 @@ def dev_wer_curves(results: dict[str, Any], path: str) -> str:
     if not curve["steps"]:
       continue
     color = f"C{index}"
-    ax.plot(curve["steps"], curve["mean"], color=color,
+    ax.plot(curve["steps"], curve["mean"], color=color, marker=".",
             label=f"{results['labels'][method]} (n={curve['n']})")
     ax.fill_between(curve["steps"], curve["min"], curve["max"], color=color, alpha=0.2,
                     linewidth=0)

@@ -162,20 +162,21 @@ def conclusion(name_a: str, name_b: str, utterance: statistics.Interval,
   """One sentence read off the intervals (never written by hand)."""
   ci = f"95% CI [{utterance.low:+.2f}, {utterance.high:+.2f}]"
   relative = f", {100 * utterance.estimate / wer_b:+.1f}% relative" if wer_b else ""
+  pooled = f"{seeds} seeds pooled" if seeds > 1 else "1 seed"
   test = (f"sign test {sign.better} better / {sign.worse} worse utterances, "
           f"p = {sign.p_value:.2g}")
   if utterance.excludes_zero():
     direction = "lower" if utterance.high < 0 else "higher"
     text = (f"{name_a} has a {direction} WER than {name_b}: {utterance.estimate:+.2f} points"
-            f"{relative} ({ci}, {seeds} seeds pooled; {test}).")
+            f"{relative} ({ci}, {pooled}; {test}).")
     if not both.excludes_zero():
       text += (f" Resampling the seeds too widens the interval to [{both.low:+.2f}, "
                f"{both.high:+.2f}], which includes 0: the difference is within the spread "
                "between training runs.")
     return text
   return (f"No difference between {name_a} and {name_b} is detected: {utterance.estimate:+.2f} "
-          f"points ({ci} includes 0, {seeds} seeds pooled; {test}); differences outside that "
-          "interval are unlikely at this size.")
+          f"points ({ci} includes 0, {pooled}; {test}); differences outside that interval "
+          "are unlikely at this size.")
 
 
 def _curves(runs: Sequence[dict[str, Any]], method: str) -> dict[str, Any]:
@@ -214,6 +215,8 @@ def summarize(out: str, plan: Sequence[plan_lib.RunSpec], invocations: Sequence[
     if not data:
       continue
     words = np.asarray(data["word_count"])
+    present = [m for m in methods if m in data["errors"]]
+    data["errors"] = {m: data["errors"][m] for m in present}
     data["methods"] = {}
     for method, per_seed in data["errors"].items():
       matrix = np.asarray([per_seed[s] for s in sorted(per_seed, key=int)])
@@ -221,7 +224,6 @@ def summarize(out: str, plan: Sequence[plan_lib.RunSpec], invocations: Sequence[
           "seeds": sorted((int(s) for s in per_seed)),
           "wer": statistics.pooled_wer_interval(matrix, words, seed=seed).to_json(),
           "per_seed": {s: 100.0 * sum(v) / words.sum() for s, v in per_seed.items()}}
-    present = [m for m in methods if m in data["errors"]]
     data["pairs"] = [pair for i, a in enumerate(present) for b in present[i + 1:]
                      if (pair := _pair(a, b, data, labels, seed)) is not None]
     splits[split] = data

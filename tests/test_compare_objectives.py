@@ -79,6 +79,9 @@ def test_base_config_follows_the_released_recipe():
   corpus = embedded_corpus.CONFIGS[tasks.EMBEDDED_TASKS[
       "sld_embedded_digits_whisper_compare"].corpus]
   assert corpus.num_test >= 2000 and corpus.num_dev >= 2000
+  train_voices = {v.id for v in embedded_corpus.split_voices("train", corpus)}
+  for split in ("dev", "test"):
+    assert not train_voices & {v.id for v in embedded_corpus.split_voices(split, corpus)}
 
 
 def test_plan_and_commands():

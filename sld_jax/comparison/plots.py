@@ -38,7 +38,8 @@ def dev_wer_curves(results: dict[str, Any], path: str) -> str:
   ax.set_xlabel("training step")
   ax.set_ylabel("dev WER % (training evaluation)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
   ax.set_title("Dev WER during training: mean over seeds, shaded min–max, dots selected")
   return _save(fig, path)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -63,12 +64,20 @@ def save_plan(out: str, plan: Sequence[plan_lib.RunSpec],
   os.replace(path + ".tmp", path)
 
 
+def compact_json(data: Any) -> str:
+  """Indented JSON with each list of numbers on one line (per-utterance errors
+  would otherwise take a line per number)."""
+  text = json.dumps(data, indent=1, default=str)
+  numbers = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+  return numbers.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text) + "\n"
+
+
 def write_report(directory: str, results: dict[str, Any], figures: bool = True) -> list[str]:
   """``directory/results.md``, ``results.json`` and (``figures``) ``results/*.png``."""
   os.makedirs(directory, exist_ok=True)
   written = []
   for name, text in (("results.md", markdown.render(results, FIGURES_DIR)),
-                     ("results.json", json.dumps(results, indent=1, default=str) + "\n")):
+                     ("results.json", compact_json(results))):
     path = os.path.join(directory, name)
     with open(path + ".tmp", "w") as f:
       f.write(text)

@@ -2,8 +2,9 @@
 the plan and its gin, one real comparison end to end on the smoke corpus, and
 the report on fabricated run folders with known per-utterance errors.
 
-The real run trains 2 methods x 1 seed of a 1-layer, 32-wide model for 4
-steps in 2 segments (dev WER after each), scores the selected checkpoints,
+The real run trains 2 methods x 1 seed of a 1-layer, 32-wide model, dev WER
+every 2 steps, until the dev WER stops improving (patience 1, at most 6
+steps: one or two training segments), scores the selected checkpoints,
 then a second invocation finds them done and ``--report_only --publish``
 rebuilds the report elsewhere. The statistics of a 3 methods x 5 seeds report
 are checked on fabricated folders, since 15 real runs would take too long.
@@ -161,7 +162,7 @@ def test_real_comparison_stops_on_dev_wer_resumes_and_reports(tmp_path):
   out = str(tmp_path / "compare")
   env = tiny_train.subprocess_env(1, str(tmp_path / "jax_cache"))
   flags = ["--base_gin", "gin_configs/experiments/smoke.gin", "--methods", "multimodal_ce",
-           "loss_masking", "--seeds", "1", "--patience", "1", "--gin.TRAIN_STEPS=4",
+           "loss_masking", "--seeds", "1", "--patience", "1", "--gin.TRAIN_STEPS=6",
            "--gin.EVAL_EVERY=2", *TINY]
   # smoke.gin includes objectives/sld.gin: each method's objective must win.
   first = _script(out, env, *flags)
@@ -176,12 +177,15 @@ def test_real_comparison_stops_on_dev_wer_resumes_and_reports(tmp_path):
     config = gin_values.operative_values(run_dir)
     assert (config["LossConfig.method"], config["SEED"], config["DATA_SEED"],
             config["SpeechTextLM.time_mask_prob"]) == (method, 1, 1, 0.3)
-    # Two segments, each ending at an evaluation with a checkpoint.
-    assert [r["step"] for r in tiny_train.read_metrics(run_dir)] == [1, 2, 3, 4]
+    # Training stopped at the first evaluation where the rule says so: step 4
+    # (one segment) if step 4 did not improve on step 2, else step 6 (two).
     curve = stopping.dev_curve(run_files.read_jsonl(os.path.join(run_dir,
                                                                  "eval_metrics.jsonl")))
-    assert [step for step, _ in curve] == [2, 4]
     state = runner.read_state(run_dir)
+    stopped = state["stopped_at"]
+    assert [step for step, _ in curve] == list(range(2, stopped + 1, 2))
+    assert stopped == (4 if curve[1][1] >= curve[0][1] else 6)
+    assert [r["step"] for r in tiny_train.read_metrics(run_dir)] == list(range(1, stopped + 1))
     best = min(curve, key=lambda p: (p[1], p[0]))
     assert (state["status"], state["selected_step"], state["best_dev_wer"]) == (
         "done", best[0], best[1])
@@ -218,11 +222,11 @@ def test_real_comparison_stops_on_dev_wer_resumes_and_reports(tmp_path):
   assert {path: os.path.getmtime(path) for path in logs} == logs
 
   # Another training command in the same folders is refused before anything runs.
-  other = _script(out, env, *[f if f != "--gin.TRAIN_STEPS=4" else "--gin.TRAIN_STEPS=6"
+  other = _script(out, env, *[f if f != "--gin.TRAIN_STEPS=6" else "--gin.TRAIN_STEPS=8"
                               for f in flags])
   assert other.returncode != 0
   assert "was trained with another command" in other.stderr
-  assert "was: --gin_bindings=TRAIN_STEPS = 4" in other.stderr
+  assert "was: --gin_bindings=TRAIN_STEPS = 6" in other.stderr
 
   published = str(tmp_path / "docs")
   rebuilt = _script(out, env, "--report_only", "--publish", published)

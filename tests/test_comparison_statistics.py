@@ -121,3 +121,20 @@ def test_stopping_rule_of_the_docstring():
   assert at_budget.done and "still improving at the budget" in at_budget.reason
   assert stopping.dev_curve([{"step": 2, "dev/wer": 5.0}, {"step": 1, "dev/wer": 7},
                              {"step": 2, "dev/wer": 4.0}, {"step": 3}]) == [(1, 7.0), (2, 4.0)]
+
+
+def test_segments_end_where_the_run_could_first_stop():
+  curve = [(100, 30.0), (200, 21.0), (300, 22.5), (400, 21.0), (500, 24.0)]
+  assert stopping.next_stop([], 0, 3000, 100, 3) == 400
+  assert stopping.next_stop(curve[:4], 400, 3000, 100, 3) == 500
+  assert stopping.next_stop(curve[:4], 400, 450, 100, 3) == 450     # capped at TRAIN_STEPS
+  assert stopping.next_stop(curve[:2], 250, 3000, 100, 3) == 500    # resumed mid-segment
+  assert stopping.next_stop(curve[:4], 400, 3000, 100, 0) == 3000   # no early stopping
+  # Deciding only at those steps stops where deciding after every evaluation would.
+  start, checked = 0, []
+  while True:
+    start = stopping.next_stop([p for p in curve if p[0] <= start], start, 3000, 100, 3)
+    checked.append(start)
+    if stopping.decide([p for p in curve if p[0] <= start], start, 3000, 3).done:
+      break
+  assert checked == [400, 500]

@@ -10,8 +10,9 @@ Each run folder (``OUT/<method>/seed<k>/``) is a MODEL_DIR::
   run.json     status, commands, the selected step and why training stopped
 
 A training segment is ``python -m sld_jax.train`` with
-``trainer.train.stop_after_steps`` set so that it ends at the next
-evaluation step; afterwards ``stopping.decide`` reads ``eval_metrics.jsonl``.
+``trainer.train.stop_after_steps`` set so that it ends at the first
+evaluation step where the run could stop (``stopping.next_stop``);
+afterwards ``stopping.decide`` reads ``eval_metrics.jsonl``.
 Progress is read from the runs' files, never from their console output.
 
 Resuming is the default: a run whose ``run.json`` says "done" with the same
@@ -177,7 +178,7 @@ class Runner:
       if decision.done:
         break
       start = latest or 0
-      target = min((start // eval_every + 1) * eval_every, total_steps)
+      target = stopping.next_stop(curve, start, total_steps, eval_every, self.recipe.patience)
       command = self.recipe.train_command(spec, run_dir, stop_after_steps=target - start)
       state.update(status="training")
       write_state(run_dir, state)

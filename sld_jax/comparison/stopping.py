@@ -14,6 +14,12 @@ have not improved on it, or at ``TRAIN_STEPS``. With dev WER by step::
 ``patience = 0`` never stops early (the best checkpoint is still selected).
 The checkpoints of the last ``patience + 2`` saves are kept, so the selected
 one is still on disk when training stops.
+
+Training cannot stop before ``patience`` evaluations after the best one, so
+a segment runs straight to that step (``next_stop``): in the example, the
+first segment ends at 400 (no evaluation yet: 1 + 3 evaluations), the second
+at 500 (200 + 3 x 100), and the rule then stops. The result is the same as
+deciding after every evaluation, with fewer restarts.
 """
 
 from __future__ import annotations
@@ -64,3 +70,21 @@ def decide(curve: Sequence[tuple[int, float]], last_step: Optional[int], total_s
     still = " (still improving at the budget)" if best_step == curve[-1][0] else ""
     return Decision(True, best_step, best_wer, f"reached TRAIN_STEPS {total_steps}{still}")
   return Decision(False, best_step, best_wer, "")
+
+
+def next_stop(curve: Sequence[tuple[int, float]], start: int, total_steps: int,
+              eval_every: int, patience: int) -> int:
+  """The step the next training segment should end at (an evaluation step).
+
+  >>> next_stop([], 0, 3000, 100, 3), next_stop([(100, 30.0), (200, 21.0)], 400, 3000, 100, 3)
+  (400, 500)
+  """
+  following = (start // eval_every + 1) * eval_every
+  if not patience:
+    return total_steps
+  if curve:
+    best_step = min(curve, key=lambda point: (point[1], point[0]))[0]
+    earliest = best_step + patience * eval_every
+  else:
+    earliest = (patience + 1) * eval_every
+  return min(max(earliest, following), total_steps)

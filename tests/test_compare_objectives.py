@@ -340,3 +340,15 @@ def test_report_intervals_and_conclusions_on_fabricated_runs(tmp_path):
   with pytest.raises(ValueError, match=r"loss_masking/seed3 scored other utterances of "
                                        r"fake_task/test than .*: 0 ids only in it.*1 only in"):
     comparison.main(["--out", out, "--report_only"])
+
+
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
+  out = tmp_path / "out"
+  assert comparison.main(["--out", str(out), "--dry_run"]) == 0
+  printed = capsys.readouterr().out
+  for method in plan_lib.DEFAULT_METHODS:
+    for seed in range(5):
+      assert f"# {method} seed {seed} -> {out}/{method}/seed{seed}:" in printed
+  assert "--gin_file=gin_configs/objectives/sld_reference.gin" in printed
+  assert "'--gin_bindings=trainer.train.stop_after_steps = 1000'" in printed  # (3 + 1) x 250
+  assert not out.exists()

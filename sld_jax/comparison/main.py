@@ -36,6 +36,7 @@ from sld_jax.comparison import plan as plan_lib
 from sld_jax.comparison import plots
 from sld_jax.comparison import results as results_lib
 from sld_jax.comparison import runner
+from sld_jax.comparison import stopping
 
 PLAN_FILE = "plan.json"
 FIGURES_DIR = "results"
@@ -179,10 +180,12 @@ def main(argv: Sequence[str]) -> int:
     for spec in plan:
       run_dir = os.path.join(out, spec.run_dir)
       steps, every = recipe.schedule(spec.method)
-      print(f"# {spec.method} seed {spec.seed} -> {run_dir}: segments of {every} steps up to "
-            f"{steps}, patience {recipe.patience}")
-      print(shlex.join(recipe.train_command(spec, run_dir, stop_after_steps=every)))
-      print(shlex.join(recipe.eval_command(spec, run_dir, step=every)))
+      first = stopping.next_stop([], 0, steps, every, recipe.patience)
+      print(f"# {spec.method} seed {spec.seed} -> {run_dir}: dev WER every {every} steps, "
+            f"stop after {recipe.patience or 'no'} evaluations without improvement or at "
+            f"{steps}; the first segment, and scoring (at the selected step, here {first}):")
+      print(shlex.join(recipe.train_command(spec, run_dir, stop_after_steps=first)))
+      print(shlex.join(recipe.eval_command(spec, run_dir, step=first)))
     return 0
 
   command = shlex.join(["python", "-m", "sld_jax.comparison", *argv])

@@ -197,9 +197,12 @@ def summarize(out: str, plan: Sequence[plan_lib.RunSpec], invocations: Sequence[
   """Reads every run folder of ``plan`` and computes the tables (module docstring)."""
   runs = [_run_record(out, spec) for spec in plan]
   # A stable sort: within a rank, the order of --methods.
-  methods = sorted(dict.fromkeys(spec.method for spec in plan),
-                   key=lambda m: RANK.get(next((r["loss_config"].get("method") for r in runs
-                                                if r["method"] == m and r["loss_config"]), m), 3))
+  def rank(method: str) -> int:
+    kind = next((r["loss_config"].get("method") for r in runs
+                 if r["method"] == method and r["loss_config"]), None)
+    return RANK.get(kind or ("sld" if method.startswith("sld") else method), 3)
+
+  methods = sorted(dict.fromkeys(spec.method for spec in plan), key=rank)
   labels = {}
   for method in methods:
     config = next((r["loss_config"] for r in runs if r["method"] == method and r["loss_config"]),

@@ -55,6 +55,7 @@ import threading
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import flax.traverse_util
 import jax
 from jax.experimental import multihost_utils
@@ -305,8 +306,9 @@ class Checkpointer:
 
   def state_metadata(self, step: int) -> Any:
     """The saved state's tree of array metadata (shapes, dtypes), no arrays read."""
-    path = os.path.join(self.step_dir(step), "state")
-    return ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    path = epath.Path(self.step_dir(step)) / "state"
+    metadata = ocp.PyTreeCheckpointHandler().metadata(path)
+    return getattr(metadata, "tree", metadata)
 
   def check_fits(self, step: int, abstract_params: Any, model_info: str) -> None:
     """Raises ``CheckpointMismatchError`` if the step's params do not fit the model."""

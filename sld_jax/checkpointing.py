@@ -240,6 +240,7 @@ class Checkpointer:
     self._verified: set[int] = set()
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0,
                                              enable_async_checkpointing=False)
     else:
       keep = ocp.checkpoint_managers.LatestN(n=max_to_keep)

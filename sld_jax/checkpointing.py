@@ -55,6 +55,7 @@ import threading
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import flax.traverse_util
 import jax
 from jax.experimental import multihost_utils
@@ -239,6 +240,7 @@ class Checkpointer:
     self._verified: set[int] = set()
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0,
                                              enable_async_checkpointing=False)
     else:
       keep = ocp.checkpoint_managers.LatestN(n=max_to_keep)
@@ -305,8 +307,9 @@ class Checkpointer:
 
   def state_metadata(self, step: int) -> Any:
     """The saved state's tree of array metadata (shapes, dtypes), no arrays read."""
-    path = os.path.join(self.step_dir(step), "state")
-    return ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    path = epath.Path(self.step_dir(step)) / "state"
+    metadata = ocp.PyTreeCheckpointHandler().metadata(path)
+    return getattr(metadata, "tree", metadata)
 
   def check_fits(self, step: int, abstract_params: Any, model_info: str) -> None:
     """Raises ``CheckpointMismatchError`` if the step's params do not fit the model."""

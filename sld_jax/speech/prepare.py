@@ -602,8 +602,7 @@ class _Preparer:
     splits = list(self.source.splits())
     counts = {}
     if self.options.unit_pieces:
-      for split in splits:
-        self.write_split(split, raw=True)
+      raw_counts = {split: self.write_split(split, raw=True) for split in splits}
       pieces = self.unit_pieces()
       speech_size = pieces.num_pieces
       for split in splits:
@@ -612,6 +611,7 @@ class _Preparer:
       speech_size = self.options.num_clusters
       for split in splits:
         counts[split] = self.write_split(split, raw=False)
+      raw_counts = counts
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     text_size = spm.SentencePieceProcessor(
         model_file=text_model).get_piece_size()
@@ -631,8 +631,10 @@ class _Preparer:
                   "splits": {s: os.path.basename(split_file(self.out_dir, s))
                              for s in splits}},
         "splits": counts,
-        "skipped": {split: self.skipped_counts(split) for split in splits
-                    if self.skipped_counts(split)},
+        # From the splits' completion files: counts of an earlier, interrupted
+        # run that finished a split are kept.
+        "skipped": {split: raw_counts[split]["skipped"] for split in splits
+                    if raw_counts[split].get("skipped")},
     }
     metadata["seconds_to_prepare"] = round(time.time() - start, 1)
     _write_json(os.path.join(self.out_dir, METADATA), metadata)

@@ -41,10 +41,10 @@ from sld_jax.vocab import VocabLayout
 Batch = Mapping[str, jax.Array]
 REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 OPTIONAL_FEATURES = ("decoder_segment_ids", "decoder_positions")
-COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_sequences",
-          "num_target_tokens")
+COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_kl_positions",
+          "num_sequences", "num_target_tokens")
 # Per-token means and the count each one is a mean over ("kl" is resolved
-# from the KL target: units for "paper", sequences for "reference").
+# from LossConfig.kl_normalization: sequences, or the KL positions).
 MEANS = {"ce_text": "num_text_tokens", "accuracy_text": "num_text_tokens",
          "ce_speech": "num_speech_tokens", "accuracy_speech": "num_speech_tokens",
          "kl_speech": "kl"}
@@ -149,17 +149,23 @@ class SpeechTextLM:
   def _count_of(self, mean_name: str) -> str:
     count = MEANS[mean_name]
     if count == "kl":
-      return "num_unit_tokens" if self.loss_config.kl_target == "paper" else "num_sequences"
+      if self.loss_config.kl_normalization == "sequence":
+        return "num_sequences"
+      return "num_kl_positions"
     return count
 
   def target_counts(self, batch: Batch) -> dict[str, jax.Array]:
     """The token / sequence counts ``loss_fn`` would report, without the model."""
     targets = batch["decoder_target_tokens"]
     weighted = batch["decoder_loss_weights"] > 0
+    layout = self.layout
+    kl_positions = (layout.is_unit(targets) if self.loss_config.kl_target == "paper"
+                    else layout.is_text(targets) | layout.is_speech(targets))
     return {
         "num_text_tokens": jnp.sum(weighted & self.layout.is_text(targets)),
         "num_speech_tokens": jnp.sum(weighted & self.layout.is_speech(targets)),
         "num_unit_tokens": jnp.sum(weighted & self.layout.is_unit(targets)),
+        "num_kl_positions": jnp.sum(weighted & kl_positions),
         "num_sequences": losses._count_sequences(  # pylint: disable=protected-access
             weighted, batch.get("decoder_segment_ids")),
         "num_target_tokens": jnp.sum(weighted),

@@ -6,13 +6,16 @@ corruption used in training, and the contract on batches (seqio decoder
 features, see ``sld_jax.input_pipeline``).
 
 Time masking (the released code's input corruption): during training each
-*input* token is replaced by ``<text_end>`` (EOS, id 1) with probability
-``time_mask_prob``; targets, weights, segments and positions are unchanged,
-and only real tokens (id > 0) are touched::
+*input* token is replaced by ``<time_mask>`` (``layout.mask_id``, the first
+id past the real vocabulary: an input-only symbol, distinct from
+``<text_end>``, see ``sld_jax.vocab``) with probability ``time_mask_prob``;
+targets, weights, segments and positions are unchanged, and only real tokens
+(id > 0) are touched. With ``VocabLayout(text_size=8, speech_size=4)``
+(mask id 13)::
 
   decoder_input_tokens  [ 0  9 10 12  8  5  0 11  8  4]
   coin < p              [ .  x  .  .  .  x  x  .  .  .]
-  corrupted             [ 0  1 10 12  8  1  0 11  8  4]   (the 0s stay: BOS/padding)
+  corrupted             [ 0 13 10 12  8 13  0 11  8  4]   (the 0s stay: BOS/padding)
 
 Gradient accumulation splits a batch into microbatches whose gradients add
 up to the gradient of the whole batch: every objective is a sum of per-token
@@ -51,8 +54,11 @@ MEANS = {"ce_text": "num_text_tokens", "accuracy_text": "num_text_tokens",
 
 
 def time_mask(tokens: jax.Array, rng: jax.Array, prob: float,
-              replacement: int = 1) -> jax.Array:
-  """Replaces each real (> 0) token by ``replacement`` with probability ``prob``."""
+              replacement: int) -> jax.Array:
+  """Replaces each real (> 0) token by ``replacement`` with probability ``prob``.
+
+  ``replacement`` is ``layout.mask_id`` in training (``SpeechTextLM.loss_fn``).
+  """
   if prob <= 0.0:
     return tokens
   coin = jax.random.bernoulli(rng, prob, tokens.shape)
@@ -129,7 +135,7 @@ class SpeechTextLM:
     if rng is not None:
       dropout_rng = jax.random.fold_in(rng, 0)
       inputs = time_mask(inputs, jax.random.fold_in(rng, 1), self.time_mask_prob,
-                         self.layout.eos_id)
+                         self.layout.mask_id)
     logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
     loss, aux = losses.compute_loss_from_config(
         logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],

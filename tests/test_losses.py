@@ -21,7 +21,7 @@ from sld_jax import losses
 from sld_jax.vocab import VocabLayout
 
 LAYOUT = VocabLayout(text_size=7, speech_size=11)       # real 19, size 128
-FULL_LAYOUT = VocabLayout(text_size=28, speech_size=100)  # real == size == 128
+FULL_LAYOUT = VocabLayout(text_size=28, speech_size=100)  # real 128, <time_mask> 128
 STATIC = ("layout", "method", "alpha", "epsilon", "temperature", "kl_target",
           "kl_normalization")
 
@@ -285,7 +285,7 @@ def test_matches_naive_numpy(method, kl_target, epsilon, temperature, kl_normali
 @pytest.mark.parametrize("kl_normalization", ["sequence", "token"])
 @pytest.mark.parametrize("kl_target", ["paper", "reference"])
 def test_fractional_weights_and_full_vocab(kl_target, kl_normalization):
-  """Weights scale each token's term; V == real_size (no rounding ids)."""
+  """Weights scale each token's term; real_size a multiple of 128 (only <time_mask> after)."""
   rng = np.random.default_rng(7)
   targets, weights, segment_ids = make_batch(rng, FULL_LAYOUT, packed=True)
   weights = weights * rng.uniform(0.5, 2.0, weights.shape).astype(np.float32)

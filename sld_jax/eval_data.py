@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -197,8 +198,10 @@ def task_eval_batches(task_name: str, split: str, *, sequence_length: int, batch
   ``batch_size`` is global; this process reads its shard of the examples in
   ``batch_size / process_count`` rows per batch, the last batch padded with
   dummy rows; every process returns the same number of batches. Examples
-  longer than ``sequence_length`` are filtered by the task (with a logged
-  count).
+  longer than ``sequence_length`` keep the first ``L - 2 - len(text)``
+  units, as released (``tasks.preprocessors.truncate_speech_to_fit``): the
+  split is scored in full, and ``truncated_units`` says by how much each row
+  was cut (``truncation_counts``).
   """
   import seqio  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top
@@ -225,7 +228,29 @@ def task_eval_batches(task_name: str, split: str, *, sequence_length: int, batch
         f"tokens" + (f" for process {process_index} of {process_count}; use fewer processes"
                      if process_count > 1 else ""))
   batches += [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (count - len(batches))
+  truncated, units = truncation_counts(batches)
+  (logging.warning if truncated else logging.info)(
+      "%s/%s: %d utterances to score, %d with speech truncated to fit %d tokens "
+      "(%d units dropped)", task_name, split, int(sum(real_rows(b).sum() for b in batches)),
+      truncated, sequence_length, units)
   return batches
+
+
+TRUNCATION_METRICS = ("num_truncated_utterances", "truncated_units")
+
+
+def truncation_counts(batches: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+  """``[utterances whose speech was truncated to fit, units dropped]`` over real rows.
+
+  Batches without ``truncated_units`` (e.g. synthetic sources) count 0; the
+  names are ``TRUNCATION_METRICS`` (the keys in each split's metrics.json).
+  """
+  counts = np.zeros(2, np.int64)
+  for batch in batches:
+    if "truncated_units" in batch:
+      dropped = np.asarray(batch["truncated_units"])[real_rows(batch)]
+      counts += [int(np.sum(dropped > 0)), int(np.sum(dropped))]
+  return counts
 
 
 def source_eval_data(source: input_pipeline.BatchSource, max_batches: Optional[int] = None

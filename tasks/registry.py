@@ -208,7 +208,7 @@ def register_task(task_name: str, splits, *,
       task_name,
       source=seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=splits),
       preprocessors=[preprocessors.units_and_text_to_targets,
-                     preprocessors.filter_over_length],
+                     preprocessors.truncate_speech_to_fit],
       output_features={"targets": seqio.Feature(
           vocabulary=vocabulary, add_eos=False, dtype=tf.int32)},
       metric_fns=[wer.wer_metric],

@@ -128,7 +128,7 @@ def gpt2_tokenizer_dir(path: Optional[str] = None) -> str:
     raise ValueError(
         "no GPT-2 tokenizer directory for the GPT-2 text vocabulary: set "
         f"gpt2_tokenizer_dir.path (gin, e.g. --gin.INIT_FROM=\\\"/path/to/gpt2\\\" in "
-        f"the *_gpt2init experiments) or the environment variable {GPT2_DIR_ENV}")
+        f"the librispeech_* experiments) or the environment variable {GPT2_DIR_ENV}")
   return os.path.expanduser(path)
 
 

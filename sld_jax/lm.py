@@ -44,6 +44,7 @@ from sld_jax.vocab import VocabLayout
 Batch = Mapping[str, jax.Array]
 REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 OPTIONAL_FEATURES = ("decoder_segment_ids", "decoder_positions")
+TIME_MASK_SYMBOLS = ("time_mask", "text_end")
 COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_kl_positions",
           "num_sequences", "num_target_tokens")
 # Per-token means and the count each one is a mean over ("kl" is resolved
@@ -74,12 +75,15 @@ class SpeechTextLM:
     config: the decoder's ``DecoderConfig`` (``vocab_size == layout.size``).
     loss_config: the objective (``sld_jax.losses.LossConfig``).
     time_mask_prob: input corruption probability in training (paper: 0.3).
+    time_mask_symbol: "time_mask" (``layout.mask_id``, the default) or
+      "text_end" (id 1, what sld_jax used before; kept to measure the
+      difference, docs/paper-fidelity.md).
   """
 
   def __init__(self, layout: VocabLayout,
                decoder: Callable[..., DecoderConfig] = decoder_config,
                loss_config: Optional[losses.LossConfig] = None,
-               time_mask_prob: float = 0.0):
+               time_mask_prob: float = 0.0, time_mask_symbol: str = "time_mask"):
     """Builds the decoder config with ``decoder(vocab_size=layout.size)``.
 
     Args:
@@ -88,9 +92,13 @@ class SpeechTextLM:
         ``@decoder_config`` configured by ``gin_configs/models/*.gin``.
       loss_config: the objective; default ``LossConfig()`` (gin-configured).
       time_mask_prob: probability in [0, 1).
+      time_mask_symbol: "time_mask" or "text_end" (the replacement id).
     """
     if not 0.0 <= time_mask_prob < 1.0:
       raise ValueError(f"SpeechTextLM.time_mask_prob must be in [0, 1), got {time_mask_prob}")
+    if time_mask_symbol not in TIME_MASK_SYMBOLS:
+      raise ValueError(f"SpeechTextLM.time_mask_symbol must be one of {TIME_MASK_SYMBOLS}, "
+                       f"got {time_mask_symbol!r}")
     self.layout = layout
     self.config = decoder(vocab_size=layout.size)
     if self.config.vocab_size != layout.size:
@@ -98,6 +106,7 @@ class SpeechTextLM:
           f"decoder vocab_size {self.config.vocab_size} != layout.size {layout.size}")
     self.loss_config = loss_config if loss_config is not None else losses.LossConfig()
     self.time_mask_prob = float(time_mask_prob)
+    self.time_mask_id = layout.mask_id if time_mask_symbol == "time_mask" else layout.eos_id
     self.module = decoder_lib.Decoder(self.config)
 
   # -- parameters and logits -------------------------------------------------
@@ -135,7 +144,7 @@ class SpeechTextLM:
     if rng is not None:
       dropout_rng = jax.random.fold_in(rng, 0)
       inputs = time_mask(inputs, jax.random.fold_in(rng, 1), self.time_mask_prob,
-                         self.layout.mask_id)
+                         self.time_mask_id)
     logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
     loss, aux = losses.compute_loss_from_config(
         logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],

@@ -64,6 +64,12 @@ def test_training_loss_feeds_the_mask_id_and_keeps_targets():
   assert int(jnp.sum(masked == LAYOUT.mask_id)) > 0
   np.testing.assert_allclose(loss, loss_with(LAYOUT.mask_id), rtol=1e-6)
   assert abs(float(loss) - float(loss_with(LAYOUT.eos_id))) > 1e-4
+  old = _tiny(time_mask_prob=0.5, time_mask_symbol="text_end",
+              loss_config=losses.LossConfig(method="multimodal_ce"))
+  np.testing.assert_allclose(old.loss_fn(params, batch, rng)[0], loss_with(LAYOUT.eos_id),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="time_mask_symbol must be one of"):
+    _tiny(time_mask_symbol="pad")
 
 
 @pytest.mark.parametrize("kl_target", ["paper", "reference"])

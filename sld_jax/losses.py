@@ -82,15 +82,17 @@ Effective strength. Write the speech part of the loss per speech token as
   "token"           alpha * S / P            (paper target: ~alpha)
   "sequence"        alpha * S                (the released normalisation)
 
-With the paper target, ``CE + lambda * KL(q' || p)`` at a unit target equals
-``(1 + lambda)`` times the CE against a label smoothed by
-``eps_eff = lambda * eps / (1 + lambda)`` (over the units, plus a constant).
-At alpha = 0.008, eps = 0.1 (the reference target's P also counts the ~M
-text targets, M ~ S / 3 on the digits corpus)::
+With the paper target, ``CE + lambda * KL(q' || p_T)`` at a unit target is
+about ``(1 + lambda)`` times the CE against a label smoothed by
+``eps_eff = lambda * eps / (1 + lambda)`` over the units (exactly so up to a
+constant if p_T were the full softmax; it is renormalised over the units).
+At alpha = 0.008, eps = 0.1 (P = S - 1, the units, for the paper target; the
+reference target's P also counts the text targets: P ~ 36 for S ~ 30 on the
+digits corpus)::
 
-  corpus (speech tokens / sequence)      "token" lambda   "sequence" lambda
-  embedded digits smoke (S ~ 31)         0.008 (eps_eff 8e-4)   0.25 (eps_eff 0.02)
-  LibriSpeech, 1024-token rows (S ~ 300-900)
+  corpus (speech targets / sequence)     "token" lambda         "sequence" lambda
+  embedded digits smoke (S ~ 30)         0.008 (eps_eff 8e-4)   0.24 (eps_eff 0.02)
+  LibriSpeech, 1024-token rows (S ~ 300-900, not measured here)
                                          0.008 (eps_eff 8e-4)   2.4-7.2 (eps_eff 0.07-0.09)
 
 so "token" is a near-null change from Multimodal CE, while "sequence" is a

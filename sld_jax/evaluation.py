@@ -338,6 +338,8 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
           "char_count": char.reference_length, "ended": bool(result.ended[row]),
           "hypothesis_tokens": len(hyp_ids), "decode_score": float(result.scores[row]),
       }
+      if "truncated_units" in batch:
+        record["truncated_units"] = int(batch["truncated_units"][row])
       if scores is not None:
         record["transcript_logprob"] = float(scores["transcript_logprob"][row])
         record["transcript_tokens"] = int(scores["transcript_tokens"][row])
@@ -347,6 +349,8 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
   bar.close()
   metrics = _corpus_metrics(scorer, predictions, words, chars, generated, sums)
   metrics.update(_speed(metrics, decode_seconds, scorer.compile_seconds - compile_start))
+  metrics.update(zip(eval_data.TRUNCATION_METRICS,
+                     (int(x) for x in _allreduce_sum(eval_data.truncation_counts(batches)))))
   return SplitScore(predictions, metrics)
 
 

@@ -31,12 +31,15 @@ GPT-2 with K = 6000 units (``VocabLayout(50259, 6000)``, 56320 rows)::
   rows 0 (PAD), 2 (UNK)                      new
   row 1 (EOS)         = wte[50256]            <|endoftext|>
   rows 3 .. 50258     = wte[0 .. 50255]
-  row 50259 (<speech_end>), 50260 .. 56259 (units), 56260 .. 56319 (rounding): new
+  row 50259 (<speech_end>), 50260 .. 56259 (units), 56260 (<time_mask>),
+  56261 .. 56319 (rounding): new
 
 New rows are ``new_row_init="mean"``: the mean of the pretrained rows plus
 N(0, (0.01 * per-dimension std)^2) noise, so the text distribution barely
 moves (each new row's logit is about the average text logit), or
-``"normal"``: N(0, 0.02^2) like a fresh GPT-2 row. The text columns of the
+``"normal"``: N(0, 0.02^2) like a fresh GPT-2 row, as the release
+initialised its new rows (the paper configs choose it with
+``hf_gpt2.init_params_from.new_row_init = "normal"``). The text columns of the
 imported model reproduce the GPT-2 logits exactly; a softmax over the whole
 real vocabulary (as the losses use) gives the new rows a little mass, at
 most ``log(1 + new / text)`` nats of extra loss with mean rows (Jensen).
@@ -73,6 +76,7 @@ import shutil
 from typing import Any, Optional
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -560,6 +564,7 @@ def place_params(params: Params, shardings: Params) -> Params:
       params, shardings)
 
 
+@gin.configurable(denylist=["path", "config", "layout", "shardings"])
 def init_params_from(path: str, config: DecoderConfig, layout: vocab_lib.VocabLayout, *,
                      shardings: Optional[Params] = None, init_seed: int = 0,
                      new_row_init: str = "mean") -> Params:
@@ -576,7 +581,9 @@ def init_params_from(path: str, config: DecoderConfig, layout: vocab_lib.VocabLa
       map's: use ``Gpt2SpeechTextVocabulary`` for the data).
     shardings: optional pytree of shardings like the params (e.g. the
       trainer's ``state_shardings.params``): returns global arrays placed so.
-    init_seed, new_row_init: for the new rows of a HF import.
+    init_seed, new_row_init: for the new rows of a HF import; gin-configurable
+      (``hf_gpt2.init_params_from.new_row_init = "normal"``: N(0, 0.02^2) as
+      the release's ``resize_token_embeddings`` did; "mean" by default).
 
   Returns:
     Unboxed params in ``config.param_dtype``: numpy arrays, or jax arrays

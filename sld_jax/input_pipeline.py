@@ -45,6 +45,7 @@ import gin
 import jax
 import numpy as np
 
+from sld_jax import model_inputs
 from sld_jax.vocab import EOS_ID, VocabLayout
 
 FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
@@ -184,7 +185,7 @@ class SyntheticSource(BatchSource):
       segment += 1
       span = slice(used, used + len(sequence))
       row["decoder_target_tokens"][span] = sequence
-      row["decoder_input_tokens"][span] = np.concatenate([[0], sequence[:-1]])
+      row["decoder_input_tokens"][span] = model_inputs.decoder_input_tokens(sequence)
       row["decoder_loss_weights"][span] = 1
       row["decoder_segment_ids"][span] = segment
       row["decoder_positions"][span] = np.arange(len(sequence))

@@ -6,13 +6,16 @@ corruption used in training, and the contract on batches (seqio decoder
 features, see ``sld_jax.input_pipeline``).
 
 Time masking (the released code's input corruption): during training each
-*input* token is replaced by ``<text_end>`` (EOS, id 1) with probability
-``time_mask_prob``; targets, weights, segments and positions are unchanged,
-and only real tokens (id > 0) are touched::
+*input* token is replaced by ``<time_mask>`` (``layout.mask_id``, the first
+id past the real vocabulary: an input-only symbol, distinct from
+``<text_end>``, see ``sld_jax.vocab``) with probability ``time_mask_prob``;
+targets, weights, segments and positions are unchanged, and only real tokens
+(id > 0) are touched. With ``VocabLayout(text_size=8, speech_size=4)``
+(mask id 13)::
 
   decoder_input_tokens  [ 0  9 10 12  8  5  0 11  8  4]
   coin < p              [ .  x  .  .  .  x  x  .  .  .]
-  corrupted             [ 0  1 10 12  8  1  0 11  8  4]   (the 0s stay: BOS/padding)
+  corrupted             [ 0 13 10 12  8 13  0 11  8  4]   (the 0s stay: BOS/padding)
 
 Gradient accumulation splits a batch into microbatches whose gradients add
 up to the gradient of the whole batch: every objective is a sum of per-token
@@ -41,18 +44,22 @@ from sld_jax.vocab import VocabLayout
 Batch = Mapping[str, jax.Array]
 REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 OPTIONAL_FEATURES = ("decoder_segment_ids", "decoder_positions")
-COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_sequences",
-          "num_target_tokens")
+TIME_MASK_SYMBOLS = ("time_mask", "text_end")
+COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_kl_positions",
+          "num_sequences", "num_target_tokens")
 # Per-token means and the count each one is a mean over ("kl" is resolved
-# from the KL target: units for "paper", sequences for "reference").
+# from LossConfig.kl_normalization: sequences, or the KL positions).
 MEANS = {"ce_text": "num_text_tokens", "accuracy_text": "num_text_tokens",
          "ce_speech": "num_speech_tokens", "accuracy_speech": "num_speech_tokens",
          "kl_speech": "kl"}
 
 
 def time_mask(tokens: jax.Array, rng: jax.Array, prob: float,
-              replacement: int = 1) -> jax.Array:
-  """Replaces each real (> 0) token by ``replacement`` with probability ``prob``."""
+              replacement: int) -> jax.Array:
+  """Replaces each real (> 0) token by ``replacement`` with probability ``prob``.
+
+  ``replacement`` is ``layout.mask_id`` in training (``SpeechTextLM.loss_fn``).
+  """
   if prob <= 0.0:
     return tokens
   coin = jax.random.bernoulli(rng, prob, tokens.shape)
@@ -73,12 +80,15 @@ class SpeechTextLM:
       loss projects them C positions at a time
       (``losses.compute_loss_chunked``): the same values, without ``[B, L, V]``
       logits in memory in either pass (what large vocabularies need).
+    time_mask_symbol: "time_mask" (``layout.mask_id``, the default) or
+      "text_end" (id 1, what sld_jax used before; kept to measure the
+      difference, docs/paper-fidelity.md).
   """
 
   def __init__(self, layout: VocabLayout,
                decoder: Callable[..., DecoderConfig] = decoder_config,
                loss_config: Optional[losses.LossConfig] = None,
-               time_mask_prob: float = 0.0,
+               time_mask_prob: float = 0.0, time_mask_symbol: str = "time_mask",
                loss_chunk_size: Optional[int] = None):
     """Builds the decoder config with ``decoder(vocab_size=layout.size)``.
 
@@ -88,10 +98,14 @@ class SpeechTextLM:
         ``@decoder_config`` configured by ``gin_configs/models/*.gin``.
       loss_config: the objective; default ``LossConfig()`` (gin-configured).
       time_mask_prob: probability in [0, 1).
+      time_mask_symbol: "time_mask" or "text_end" (the replacement id).
       loss_chunk_size: positions per chunk of the chunked loss, or None.
     """
     if not 0.0 <= time_mask_prob < 1.0:
       raise ValueError(f"SpeechTextLM.time_mask_prob must be in [0, 1), got {time_mask_prob}")
+    if time_mask_symbol not in TIME_MASK_SYMBOLS:
+      raise ValueError(f"SpeechTextLM.time_mask_symbol must be one of {TIME_MASK_SYMBOLS}, "
+                       f"got {time_mask_symbol!r}")
     self.layout = layout
     self.config = decoder(vocab_size=layout.size)
     if self.config.vocab_size != layout.size:
@@ -105,6 +119,7 @@ class SpeechTextLM:
       raise ValueError(
           f"SpeechTextLM.loss_chunk_size must be None or a positive int, got {loss_chunk_size!r}")
     self.loss_chunk_size = loss_chunk_size
+    self.time_mask_id = layout.mask_id if time_mask_symbol == "time_mask" else layout.eos_id
     self.module = decoder_lib.Decoder(self.config)
 
   # -- parameters and logits -------------------------------------------------
@@ -146,7 +161,7 @@ class SpeechTextLM:
     if rng is not None:
       dropout_rng = jax.random.fold_in(rng, 0)
       inputs = time_mask(inputs, jax.random.fold_in(rng, 1), self.time_mask_prob,
-                         self.layout.eos_id)
+                         self.time_mask_id)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     segment_ids = batch.get("decoder_segment_ids")
     if self.loss_chunk_size is None:
@@ -175,17 +190,23 @@ class SpeechTextLM:
   def _count_of(self, mean_name: str) -> str:
     count = MEANS[mean_name]
     if count == "kl":
-      return "num_unit_tokens" if self.loss_config.kl_target == "paper" else "num_sequences"
+      if self.loss_config.kl_normalization == "sequence":
+        return "num_sequences"
+      return "num_kl_positions"
     return count
 
   def target_counts(self, batch: Batch) -> dict[str, jax.Array]:
     """The token / sequence counts ``loss_fn`` would report, without the model."""
     targets = batch["decoder_target_tokens"]
     weighted = batch["decoder_loss_weights"] > 0
+    layout = self.layout
+    kl_positions = (layout.is_unit(targets) if self.loss_config.kl_target == "paper"
+                    else layout.is_text(targets) | layout.is_speech(targets))
     return {
         "num_text_tokens": jnp.sum(weighted & self.layout.is_text(targets)),
         "num_speech_tokens": jnp.sum(weighted & self.layout.is_speech(targets)),
         "num_unit_tokens": jnp.sum(weighted & self.layout.is_unit(targets)),
+        "num_kl_positions": jnp.sum(weighted & kl_positions),
         "num_sequences": losses._count_sequences(  # pylint: disable=protected-access
             weighted, batch.get("decoder_segment_ids")),
         "num_target_tokens": jnp.sum(weighted),

@@ -51,7 +51,7 @@ def get_dataset(task_name: str, split: str,
     task_name: a registered task (importing ``tasks`` registers them).
     split: e.g. "train", "dev", "test".
     sequence_length: targets length per row (int or {"targets": n});
-      longer examples are filtered out with a logged count.
+      longer examples keep the first L - 2 - len(text) units (logged count).
     batch_size: rows per batch (per host when sharded).
     pack: pack examples (training) or one per row plus passthrough features
       (evaluation).

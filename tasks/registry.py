@@ -132,7 +132,7 @@ def gpt2_tokenizer_dir(path: Optional[str] = None) -> str:
     raise ValueError(
         "no GPT-2 tokenizer directory for the GPT-2 text vocabulary: set "
         f"gpt2_tokenizer_dir.path (gin, e.g. --gin.INIT_FROM=\\\"/path/to/gpt2\\\" in "
-        f"the *_gpt2init experiments) or the environment variable {GPT2_DIR_ENV}")
+        f"the librispeech_* experiments) or the environment variable {GPT2_DIR_ENV}")
   return os.path.expanduser(path)
 
 
@@ -212,7 +212,7 @@ def register_task(task_name: str, splits, *,
       task_name,
       source=seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=splits),
       preprocessors=[preprocessors.units_and_text_to_targets,
-                     preprocessors.filter_over_length],
+                     preprocessors.truncate_speech_to_fit],
       output_features={"targets": seqio.Feature(
           vocabulary=vocabulary, add_eos=False, dtype=tf.int32)},
       metric_fns=[wer.wer_metric],

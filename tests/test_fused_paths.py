@@ -35,7 +35,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 LAYOUT = VocabLayout(text_size=40, speech_size=70)          # size 128, real 111
 OBJECTIVES = [dict(method="loss_masking"), dict(method="multimodal_ce"),
               dict(method="sld", kl_target="paper", alpha=0.5, temperature=2.0),
-              dict(method="sld", kl_target="reference", alpha=0.3, epsilon=0.2)]
+              dict(method="sld", kl_target="reference", alpha=0.3, epsilon=0.2),
+              dict(method="sld", kl_target="paper", alpha=0.5, kl_normalization="token")]
 
 
 def _packed_batch(rng, batch, length):

@@ -166,8 +166,7 @@ def test_experiment_finalizes_and_builds(path):
     method = model.loss_config.method
     expected = {"_sld.gin": ("sld", "reference"), "_sld_paper.gin": ("sld", "paper"),
                 "_loss_masking.gin": ("loss_masking", "paper"),
-                "_multimodal_ce.gin": ("multimodal_ce", "paper"),
-                "_sld_gpt2init.gin": ("sld", "reference")}
+                "_multimodal_ce.gin": ("multimodal_ce", "paper")}
     suffix = next(s for s in expected if path.endswith(s))
     assert (method, model.loss_config.kl_target) == expected[suffix]
     if method == "sld":
@@ -176,7 +175,9 @@ def test_experiment_finalizes_and_builds(path):
     units = "WAVLM" if "wavlm" in path else "HUBERT"
     import tasks.registry  # pylint: disable=g-import-not-at-top
     assert tasks.registry.librispeech_prepared_dir() == f"/tmp/unused_{units.lower()}"
-    if path.endswith("_gpt2init.gin"):  # the pretrained model's own text tokens
+    assert model.loss_config.kl_normalization == "sequence"
+    assert gin.query_parameter("hf_gpt2.init_params_from.new_row_init") == "normal"
+    if paper:  # initialised from pretrained GPT-2 with its own text tokens
       assert source.task_name == tasks.registry.LIBRISPEECH_GPT2_TASK
       assert tasks.registry.gpt2_tokenizer_dir() == "/tmp/unused_gpt2"
       assert gin.query_parameter("%INIT_FROM") == "/tmp/unused_gpt2"
@@ -263,7 +264,7 @@ def test_gpt2_small_model_file_builds():
     ("gin_configs/experiments/smoke.gin", "MODEL_DIR"),
     ("gin_configs/experiments/librispeech_wavlm_sld.gin", "WAVLM_UNITS_DIR"),
     ("gin_configs/experiments/librispeech_hubert_loss_masking.gin", "TRAIN_STEPS"),
-    ("gin_configs/experiments/librispeech_wavlm_sld_gpt2init.gin", "INIT_FROM"),
+    ("gin_configs/experiments/librispeech_hubert_multimodal_ce.gin", "INIT_FROM"),
 ])
 def test_a_missing_required_macro_fails_loudly(path, macro):
   bindings = [b for b in REQUIRED if not b.startswith(macro + "=")]

@@ -283,6 +283,7 @@ def record(model_dir: str, train_data: Any, model_config: Any = None,
   directory = assets_dir(os.path.abspath(os.path.expanduser(model_dir)))
   if is_primary:
     manifest = pending.hashed()
+    os.makedirs(directory, exist_ok=True)
     for name, path in pending.files.items():
       target = os.path.join(directory, name)
       os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -13,7 +13,10 @@ as in training; ``evaluate.*`` bindings override them. ``CHECKPOINT_PATH``
 is a MODEL_DIR (with ``checkpoints/<step>/``), its ``checkpoints`` directory,
 or one step directory. ``evaluate.steps`` picks "latest" (default), "all",
 or given steps; a step directory pins its step. Only the parameters are
-read (no optimizer state), straight into the training shardings.
+read (no optimizer state), straight into the training shardings. The
+vocabulary layout is the one recorded in ``MODEL_DIR/assets/``
+(``sld_jax.run_assets``), and an eval task whose data is discretised
+otherwise (another codebook, text model or extractor setting) is refused.
 
 Outputs (``EVAL_OUTPUT_DIR``)::
 

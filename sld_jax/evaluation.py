@@ -156,6 +156,11 @@ class Scorer:
     with nn.logical_axis_rules(self.rules):
       return self.model.score_batch(params, batch)
 
+  @property
+  def num_compiled(self) -> int:
+    """How many programs were compiled (one per decoding shape, one for scoring)."""
+    return len(self._compiled)
+
   def _compile(self, name: str, jitted, params, *inputs):
     key = (name, jax.tree.structure(inputs),
            tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(inputs)))

@@ -287,8 +287,7 @@ def transcribe(model_dir: str, items: Sequence[Item], *,
   compile_seconds = scorer.compile_seconds - compile_start
   metrics = {"num_utterances": len(kept), "num_skipped_too_long": len(too_long),
              "num_unended": sum(not r["ended"] for r in records), "step": step,
-             "model_dir": os.path.abspath(model_dir), "compiled_buckets": len(
-                 {b.prompts.shape for b in batches}),
+             "model_dir": os.path.abspath(model_dir), "compiled_buckets": scorer.num_compiled,
              "audio_seconds": round(float(sum(seconds)), 3),
              "decode_seconds": total_seconds - compile_seconds,
              "compile_seconds": compile_seconds, **decoding_config.describe()}
@@ -355,6 +354,8 @@ def define_flags() -> None:
 
 def main(argv) -> None:
   from sld_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from sld_jax import run_assets  # pylint: disable=g-import-not-at-top
+  from sld_jax.speech import audio as audio_lib  # pylint: disable=g-import-not-at-top
   if not FLAGS.model_dir:
     raise app.UsageError("--model_dir=MODEL_DIR is required (a run written by sld_jax.train)")
   try:
@@ -365,7 +366,8 @@ def main(argv) -> None:
         decoding_config=evaluation.DecodingConfig(
             method=FLAGS.method, beam_size=FLAGS.beam_size,
             length_penalty=FLAGS.length_penalty, max_decode_length=FLAGS.max_decode_length))
-  except (TranscribeError, FileNotFoundError, ValueError) as e:
+  except (TranscribeError, audio_lib.AudioError, run_assets.MissingAssetsError,
+          run_assets.AssetsMismatchError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   for record in score.predictions:

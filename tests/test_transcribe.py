@@ -154,6 +154,12 @@ def test_unreadable_and_too_long_files_are_named(run_dir, audio):
                            r"/nope/missing.wav"):
     transcribe_lib.check_readable(items)
   assert [i.audio for i in transcribe_lib.check_readable(items, skip=True)] == [paths["mono16"]]
+  process = subprocess.run(
+      [sys.executable, "-m", "sld_jax.transcribe", f"--model_dir={run_dir}", paths["mono16"],
+       paths["bad"]], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert process.returncode == 1 and not process.stdout
+  assert f"error: 1 of 2 audio file(s) cannot be read (--skip_unreadable skips them):\n  " \
+         f"cannot read audio file {paths['bad']}" in process.stderr, process.stderr[-2000:]
   with pytest.raises(transcribe_lib.TranscribeError, match="holds no audio files"):
     transcribe_lib.collect_inputs([os.path.join(run_dir, "assets")])
 

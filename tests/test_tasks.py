@@ -198,6 +198,39 @@ def test_shuffled_batches_are_deterministic_for_a_seed(tiny_task):
   assert sorted(ids(3)) == sorted([b"a", b"b", b"d"] * 3)
 
 
+# Twenty short examples in file order "e00" ... "e19": a shuffled order equal
+# to file order by chance has probability 1 / 20!.
+MANY_EXAMPLES = [(f"e{i:02d}", "s1", "one two"[: 3 + i % 2 * 4], [i % K])
+                 for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def many_task(vocabulary):
+  name = "sld_test_many_task"
+  tasks.register_task(
+      name, ("train",), vocabulary=vocabulary,
+      dataset_fn=lambda split, shuffle_files, seed=None: _dataset(MANY_EXAMPLES))
+  yield name
+  seqio.TaskRegistry.remove(name)
+
+
+def test_shuffle_changes_the_order_reproducibly_for_a_seed(many_task):
+  def ids(shuffle, seed=0, num_epochs=1):
+    ds = tasks.get_dataset(many_task, "train", LENGTH, batch_size=1, pack=False,
+                           shuffle=shuffle, seed=seed, num_epochs=num_epochs)
+    return [b["id"][0].decode() for b in ds.as_numpy_iterator()]
+
+  file_order = [e[0] for e in MANY_EXAMPLES]
+  assert ids(shuffle=False) == file_order
+  shuffled = ids(shuffle=True, seed=1)
+  assert sorted(shuffled) == file_order and shuffled != file_order
+  assert ids(shuffle=True, seed=1) == shuffled          # same seed, same order
+  assert ids(shuffle=True, seed=2) != shuffled          # another seed, another
+  two_epochs = ids(shuffle=True, seed=1, num_epochs=2)  # each epoch reshuffled
+  assert sorted(two_epochs[:20]) == sorted(two_epochs[20:]) == file_order
+  assert two_epochs[:20] != two_epochs[20:]
+
+
 def test_sharded_batches_split_the_examples(tiny_task):
   seen = []
   for index in range(2):

@@ -36,16 +36,18 @@ is ever cut. Unreadable files are an error listing every one of them
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+
+if TYPE_CHECKING:
+  from sld_jax import evaluation
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus")
 _HEADER_FIRST = ("audio", "audio_path", "path", "file")
@@ -162,8 +164,8 @@ def length_batches(prompts: Sequence[np.ndarray], rows: int, limit: int) -> list
   """Prompts sorted by length, in power-of-two buckets of ``rows`` rows.
 
   E.g. lengths [40, 5, 20, 7], rows=2, limit=64 -> widths 16, 32, 64 with
-  items [1, 3], [2, -1], [0, -1]; padding rows hold ``0 <speech_end>``-like
-  dummies (length 1) whose results are dropped.
+  items [1, 3], [2, -1], [0, -1]; padding rows (item -1) are all zeros with
+  length 1, and their results are dropped.
   """
   from sld_jax import eval_data  # pylint: disable=g-import-not-at-top
   order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
@@ -218,7 +220,7 @@ def load_model(model_dir: str, assets, step: Optional[int] = None):
 
 def transcribe(model_dir: str, items: Sequence[Item], *,
                decoding_config=None, batch_size: int = 8, step: Optional[int] = None,
-               long_audio: str = "error", progress: bool = True) -> "Any":
+               long_audio: str = "error", progress: bool = True) -> evaluation.SplitScore:
   """Transcribes ``items``; returns an ``evaluation.SplitScore`` (records in input order).
 
   Raises:

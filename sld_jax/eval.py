@@ -13,7 +13,10 @@ as in training; ``evaluate.*`` bindings override them. ``CHECKPOINT_PATH``
 is a MODEL_DIR (with ``checkpoints/<step>/``), its ``checkpoints`` directory,
 or one step directory. ``evaluate.steps`` picks "latest" (default), "all",
 or given steps; a step directory pins its step. Only the parameters are
-read (no optimizer state), straight into the training shardings.
+read (no optimizer state), straight into the training shardings. The
+vocabulary layout is the one recorded in ``MODEL_DIR/assets/``
+(``sld_jax.run_assets``), and an eval task whose data is discretised
+otherwise (another codebook, text model or extractor setting) is refused.
 
 Outputs (``EVAL_OUTPUT_DIR``)::
 
@@ -48,6 +51,7 @@ from sld_jax import eval_data
 from sld_jax import evaluation
 from sld_jax import gin_utils
 from sld_jax import partitioning
+from sld_jax import run_assets
 from sld_jax.lm import SpeechTextLM
 from sld_jax.vocab import VocabLayout
 
@@ -192,6 +196,32 @@ def _required_macro(name: str, example: str) -> Any:
   return value
 
 
+def run_layout(location: CheckpointLocation, task_names: Sequence[str]) -> VocabLayout:
+  """The vocabulary layout recorded in the run directory (``sld_jax.run_assets``).
+
+  Each eval task must discretise as the run's training data did (same
+  layout, text model, codebook, extractor settings): otherwise
+  ``run_assets.AssetsMismatchError``. A run directory from before assets
+  were recorded falls back to the tasks' layouts (with a warning).
+  """
+  model_dir = location.directory
+  if os.path.basename(model_dir) == checkpointing.CHECKPOINT_SUBDIR:
+    model_dir = os.path.dirname(model_dir)
+  assets = run_assets.load_if_present(model_dir)
+  if assets is not None:
+    for name in task_names:
+      run_assets.check_task(assets, name)
+    return assets.layout
+  logging.warning("%s has no recorded assets (%s/%s); taking the layout from the eval tasks",
+                  model_dir, run_assets.ASSETS_SUBDIR, run_assets.MANIFEST)
+  import tasks  # pylint: disable=g-import-not-at-top  (registers the tasks; TensorFlow)
+  layouts = {name: tasks.get_layout(name) for name in task_names}
+  if len(set(layouts.values())) != 1:
+    raise ValueError(f"the eval tasks have different vocabulary layouts {layouts}; one model "
+                     "reads one layout: evaluate them separately")
+  return layouts[task_names[0]]
+
+
 def _split_settings(decoding_config: evaluation.DecodingConfig, **extra) -> dict[str, Any]:
   return {**decoding_config.describe(), **extra}
 
@@ -241,7 +271,6 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
     rescore: score splits even if already scored with the same settings.
     progress: show progress bars.
   """
-  import tasks  # pylint: disable=g-import-not-at-top  (registers the tasks; TensorFlow)
   location = locate_checkpoints(checkpoint_path)
   step_list = select_steps(location, steps)
   if not task_names and _macro("TASK") is None:
@@ -256,11 +285,7 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
   mesh = partitioning.make_mesh() if mesh is None else mesh
   rules = partitioning.logical_axis_rules() if logical_axis_rules is None else logical_axis_rules
 
-  layouts = {name: tasks.get_layout(name) for name in task_names}
-  if len(set(layouts.values())) != 1:
-    raise ValueError(f"the eval tasks have different vocabulary layouts {layouts}; one model "
-                     "reads one layout: evaluate them separately")
-  layout = layouts[task_names[0]]
+  layout = run_layout(location, task_names)
   lm = model(layout)
   model_info = f"{lm.config}, vocabulary {layout} of task(s) {task_names}"
   abstract, shardings = evaluation.abstract_params(lm, mesh, rules)

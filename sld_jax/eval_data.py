@@ -204,30 +204,12 @@ def task_eval_batches(task_name: str, split: str, *, sequence_length: int, batch
   was cut (``truncation_counts``).
   """
   import seqio  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top
+  from tasks import batches as task_batches  # pylint: disable=g-import-not-at-top
   check_split(task_name, split)
-  rows = input_pipeline.host_batch_size(batch_size, process_count)
-  dataset = tasks.get_dataset(task_name, split, sequence_length, rows, pack=False,
-                              shuffle=False, seed=None,
-                              shard_info=seqio.ShardInfo(process_index, process_count),
-                              num_epochs=1, drop_remainder=False)
-  batches = []
-  for batch in dataset.as_numpy_iterator():
-    batch = {k: (np.asarray(v, np.int32) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
-             for k, v in batch.items()}
-    batches.append(input_pipeline.pad_rows(batch, rows))
-    if max_batches is not None and len(batches) == max_batches:
-      break
-  count = len(batches)
-  if process_count > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    count = int(np.max(multihost_utils.process_allgather(np.array(count))))
-  if not batches:
-    raise ValueError(
-        f"task {task_name!r} split {split!r} has no examples of at most {sequence_length} "
-        f"tokens" + (f" for process {process_index} of {process_count}; use fewer processes"
-                     if process_count > 1 else ""))
-  batches += [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (count - len(batches))
+  batches = task_batches.eval_batches(
+      task_name, split, sequence_length=sequence_length,
+      batch_size=input_pipeline.host_batch_size(batch_size, process_count),
+      shard_info=seqio.ShardInfo(process_index, process_count), max_batches=max_batches)
   truncated, units = truncation_counts(batches)
   (logging.warning if truncated else logging.info)(
       "%s/%s: %d utterances to score, %d with speech truncated to fit %d tokens "

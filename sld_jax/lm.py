@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sld_jax import decoding
 from sld_jax import losses
 from sld_jax.model import decoder as decoder_lib
 from sld_jax.model.config import DecoderConfig, decoder_config
@@ -276,3 +277,61 @@ class SpeechTextLM:
           f"{self.config.max_length} learned positions (DecoderConfig.max_length)")
     for name in ("decoder_input_tokens", "decoder_target_tokens"):
       losses.check_target_ids(batch[name], self.layout, f"{where}: {name}")
+
+  # -- prediction and scoring of batches (t5x BaseModel.predict_batch / score_batch) --
+
+  def predict_batch(self, params: Any, prompt_tokens: jax.Array, prompt_lengths: jax.Array, *,
+                    max_decode_length: int, method: str = "greedy", beam_size: int = 4,
+                    length_penalty: float = 0.0,
+                    constrain_cache: Optional[Callable[[Any, int, int], Any]] = None
+                    ) -> decoding.DecodeResult:
+    """Transcripts of right-padded prompts; needs no reference.
+
+    A prompt is what training fed the model before the transcript
+    (``seqio.DecoderFeatureConverter`` shifts targets right, so inputs start
+    with 0)::
+
+      prompt_tokens  [[0, 18, 15, 14, 0, 0],     prompt_lengths [4, 3]
+                      [0, 16, 14,  0, 0, 0]]     (layout text_size=14: <speech_end>=14)
+
+    The KV cache holds ``min(max_length, P + max_decode_length)`` positions
+    and row ``b`` may emit ``min(max_decode_length, cache - prompt_lengths[b])``
+    tokens, so a row's transcript never depends on the other rows. Jittable;
+    ``constrain_cache(cache, batch, cache_length)`` (e.g. a sharding
+    constraint) is applied to the fresh cache.
+    """
+    batch, width = prompt_tokens.shape
+    cache_length = min(self.config.max_length, width + max_decode_length)
+    cache = decoder_lib.init_cache(self.module, batch, cache_length)
+    if constrain_cache is not None:
+      cache = constrain_cache(cache, batch, cache_length)
+    steps = min(max_decode_length, cache_length - 1)
+    return decoding.decode(
+        *decoding.cached_fns(self.module, params, self.layout), cache, prompt_tokens,
+        prompt_lengths, layout=self.layout, max_decode_length=steps, method=method,
+        beam_size=beam_size, alpha=length_penalty,
+        budgets=jnp.minimum(steps, cache_length - prompt_lengths),
+        cache_batch_axes=decoding.decoder_cache_batch_axes(self.module, batch, cache_length))
+
+  def score_batch(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+    """Teacher-forced scores of a batch of whole sequences (one forward pass).
+
+    Returns:
+      ``sums``: the batch's ``to_sums`` (add over batches, ``from_sums``);
+      ``transcript_logprob`` [B]: log p of each row's text targets
+      (<text_end> included) under the full softmax over the real ids;
+      ``transcript_tokens`` [B]: how many there are.
+    """
+    layout = self.layout
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    logits = self.logits(params, batch)
+    _, aux = losses.compute_loss_from_config(
+        logits, targets, weights, batch.get("decoder_segment_ids"), layout, self.loss_config)
+    aux = dict(aux, num_target_tokens=jnp.sum(weights > 0))
+    log_probs = jax.nn.log_softmax(logits[..., :layout.real_size].astype(jnp.float32))
+    safe = jnp.clip(targets, 0, layout.real_size - 1)
+    token_logp = jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    text = (weights > 0) & layout.is_text(targets)
+    return {"sums": self.to_sums(aux),
+            "transcript_logprob": jnp.sum(jnp.where(text, token_logp, 0.0), axis=1),
+            "transcript_tokens": jnp.sum(text, axis=1)}

@@ -61,6 +61,7 @@ from sld_jax import input_pipeline
 from sld_jax import metrics_writer
 from sld_jax import optim
 from sld_jax import partitioning
+from sld_jax import run_assets
 from sld_jax import run_lock
 from sld_jax.lm import SpeechTextLM
 from sld_jax.train_state import TrainState, param_count
@@ -422,6 +423,7 @@ def _train_locked(model_dir, total_steps, train_data, model, learning_rate, opti
   mesh = partitioning.make_mesh() if mesh is None else mesh
   rules = partitioning.logical_axis_rules() if logical_axis_rules is None else logical_axis_rules
   lm = model(train_data.layout)
+  run_assets.record(model_dir, train_data, lm.config, is_primary)  # refuses other assets
   schedule = learning_rate(total_steps=total_steps)
   trainer = Trainer(lm, optimizer(learning_rate=schedule), schedule, mesh, rules, seed=seed,
                     gradient_accumulation_steps=gradient_accumulation_steps,

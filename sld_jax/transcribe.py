@@ -46,6 +46,8 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from sld_jax import model_inputs
+
 if TYPE_CHECKING:
   from sld_jax import evaluation
 
@@ -141,14 +143,9 @@ def check_readable(items: Sequence[Item], skip: bool = False) -> list[Item]:
 
 
 def _prompt(speech_ids: np.ndarray, layout) -> np.ndarray:
-  """``0 u1 .. uN <speech_end>``: the model's inputs before the first text token.
-
-  Training's targets ``u1 .. uN <speech_end> t1 ..`` are shifted right by
-  seqio's ``DecoderFeatureConverter``, so its inputs start with id 0 and the
-  first text token is predicted where the input is ``<speech_end>``.
-  """
-  return np.concatenate([[0], np.asarray(speech_ids, np.int32), [layout.speech_end_id]]
-                        ).astype(np.int32)
+  """``0 u1 .. uN <speech_end>``: the training prefix (``model_inputs.prompt_tokens``)."""
+  return model_inputs.prompt_tokens(np.append(np.asarray(speech_ids, np.int32),
+                                              layout.speech_end_id)).astype(np.int32)
 
 
 @dataclasses.dataclass

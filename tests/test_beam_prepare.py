@@ -133,3 +133,40 @@ def test_beam_prepares_the_smoke_corpus_with_the_units_of_prepare(
              for b in dev.eval_batches())
   assert rows == 30
   assert json.loads((beam_dir / "train.done").read_text())["num_examples"] == 150
+
+
+BAD_UTTERANCE_PROBE = r"""
+import numpy as np
+from sld_jax.speech import beam_prepare, prepare, readers
+options = prepare.PrepareOptions(extractor="logmel", num_clusters=4, merge_repeats=False)
+rng = np.random.default_rng(0)
+good = readers.Utterance(id="good", transcript="One two", sample_rate=16000,
+                         waveform=rng.normal(size=8000).astype(np.float32) * 0.1)
+bad = readers.Utterance(id="bad", transcript="three", audio_path="/nonexistent/bad.wav",
+                        source="manifest.tsv:7")
+for on_error in ("skip", "raise"):
+  fn = beam_prepare.UtteranceUnits(options, "audio", None, on_error)
+  fn.setup()
+  feats = fn._extractor(good.load_waveform())
+  from sld_jax.speech import kmeans
+  fn._codebook = kmeans.Codebook(feats[:4].copy(), extractor_name="logmel")
+  [record] = list(fn.process(("dev", good)))
+  assert record["id"] == "good" and record["text"] == "one two", record
+  assert len(record["units"]) == feats.shape[0]
+  try:
+    out = list(fn.process(("dev", bad)))
+    print(on_error, "skipped", len(out))
+  except prepare.PrepareError as e:
+    print(on_error, "raised", e)
+"""
+
+
+def test_bad_utterances_are_raised_or_skipped_by_the_worker(beam_python):
+  result = subprocess.run([beam_python, "-c", BAD_UTTERANCE_PROBE], cwd=REPO_ROOT,
+                          env=dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  lines = result.stdout.splitlines()
+  assert "skip skipped 0" in lines, result.stdout
+  assert any(line.startswith("raise raised manifest.tsv:7: utterance bad:") for line in lines), (
+      result.stdout)

@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${SLD_BEAM_VENV:-.venv-beam}
+# One installer at a time (parallel test workers may all ask for the venv).
+exec 9>"$VENV.lock"
+flock 9
 PIN=$(sed -n 's/^apache-beam\(\[[a-z,]*\]\)\{0,1\}==\([^ ]*\).*/\2/p' requirements-beam.txt)
 # crcmod: the [tfrecord] extra (WriteToTFRecord's checksums).
 if [[ -x "$VENV/bin/python" ]] && \

@@ -88,7 +88,6 @@ class UtteranceUnits(beam.DoFn):
     self._extractor = None
 
   def setup(self):
-    os.environ["TQDM_DISABLE"] = "1"  # prepare's per-split bars, one per element here
     if self._kind != "units":
       from sld_jax.speech import features  # pylint: disable=g-import-not-at-top
       self._extractor = features.get_extractor(
@@ -155,6 +154,9 @@ def _write_units(source: prepare_lib.Source, out_dir: str,
   """One Beam pipeline writing the (raw) shards of ``splits``; marks them done."""
   start = time.time()
   expected = {}
+  # prepare's per-split progress bar would print once per element in the
+  # workers; tqdm reads this when imported, so local worker processes inherit it.
+  os.environ.setdefault("TQDM_DISABLE", "1")
   with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
     for split in splits:
       speeds = 1 + (len(options.speed_perturb) if split == prepare_lib.TRAIN else 0)

@@ -173,3 +173,36 @@ def test_bad_utterances_are_raised_or_skipped_by_the_worker(beam_python):
   assert "skip skipped 0" in lines, result.stdout
   assert any(line.startswith("raise raised manifest.tsv:7: utterance bad:") for line in lines), (
       result.stdout)
+
+
+def test_beam_imported_units_and_unit_pieces_match_prepare(beam_python, tmp_path):
+  """fairseq-style units (no extractor) with 40 unit pieces: the raw units go
+  through Beam, the piece model and the encoded splits through prepare's
+  launcher stages; every utterance gets the single-process pieces."""
+  rng = np.random.default_rng(0)
+  words = "one two three four five six seven eight nine zero".split()
+  splits = []
+  for split, count in (("train", 60), ("dev", 12)):
+    with open(tmp_path / f"{split}.km", "w") as km, open(tmp_path / f"{split}.wrd", "w") as wrd:
+      for _ in range(count):
+        km.write(" ".join(map(str, rng.integers(0, 20, rng.integers(10, 40)))) + "\n")
+        wrd.write(" ".join(rng.choice(words, 3)) + "\n")
+    splits += ["--split", f"{split}={tmp_path / split}.km:{tmp_path / split}.wrd"]
+  flags = ["units", "--num_clusters", "20", "--unit_pieces", "40", "--text_model_type", "word",
+           "--text_vocab_size", "30", *splits]
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  for python, name, extra in ((sys.executable, "single", []),
+                              (beam_python, "beam", ["--beam", "--direct_num_workers=2"])):
+    result = subprocess.run([python, "scripts/prepare_data.py", *flags, *extra, "--out_dir",
+                             str(tmp_path / name)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+  assert "beam metric sld_prepare/train/records = 60" in result.stdout
+  beam_dir, single_dir = str(tmp_path / "beam"), str(tmp_path / "single")
+  assert prepare.load_metadata(beam_dir)["speech_size"] == prepare.load_metadata(
+      single_dir)["speech_size"] == 40
+  for split in ("train", "dev"):
+    ours, theirs = _records(beam_dir, split), _records(single_dir, split)
+    assert sorted(ours) == sorted(theirs)
+    for utt_id, record in theirs.items():
+      np.testing.assert_array_equal(ours[utt_id]["units"], record["units"], err_msg=utt_id)

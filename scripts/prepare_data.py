@@ -30,7 +30,17 @@ Examples:
       --out_dir /data/prepared/ls100 --split train=train-clean-100 \
       --split dev_clean=dev-clean
 
+  # The same on Apache Beam (its own virtualenv, scripts/install_beam.sh):
+  # DirectRunner with 2 worker processes here, or any runner's flags.
+  python scripts/prepare_data.py librispeech --beam --direct_num_workers 2 ...
+  python scripts/prepare_data.py librispeech --beam --runner DataflowRunner \
+      --project P --region R --temp_location gs://B/tmp \
+      --requirements_file requirements-beam.txt ...
+
 A finished directory is left as it is; an interrupted one is completed.
+With --beam, flags this script does not know are Beam pipeline options
+(docs/data.md); the script reruns itself with .venv-beam/bin/python when the
+current interpreter has no Beam.
 """
 
 from __future__ import annotations
@@ -46,6 +56,29 @@ from sld_jax.speech import prepare  # pylint: disable=g-import-not-at-top
 from sld_jax.speech import readers  # pylint: disable=g-import-not-at-top
 
 CORPORA = ("librispeech", "manifest", "units", "npy", "embedded")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEAM_PYTHON = os.path.join(REPO_ROOT, ".venv-beam", "bin", "python")
+
+
+def _has_beam() -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec("apache_beam") is not None
+
+
+def _rerun_in_beam_venv(argv: list[str]) -> int:
+  """Runs this script again with the Beam virtualenv's interpreter."""
+  if not os.path.exists(BEAM_PYTHON):
+    print("error: --beam needs Apache Beam, which lives in its own virtualenv "
+          f"({BEAM_PYTHON} is missing): run scripts/install_beam.sh first",
+          file=sys.stderr)
+    return 1
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  # Beam's worker processes import sld_jax from this checkout.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT,
+                                                    env.get("PYTHONPATH")]))
+  return subprocess.call([BEAM_PYTHON, os.path.abspath(__file__), *argv],
+                         env=env)
 
 
 def _parse_splits(specs: list[str]) -> dict[str, str]:
@@ -130,7 +163,15 @@ def main(argv=None) -> int:
   parser.add_argument("--text_vocab_size", type=int, default=1000)
   parser.add_argument("--text_model_file", default=None,
                       help="use this SentencePiece model (pad 0, eos 1, unk 2)")
-  args = parser.parse_args(argv)
+  parser.add_argument("--beam", action="store_true",
+                      help="compute the units on Apache Beam (DirectRunner with "
+                      "all CPUs unless --runner/--direct_num_workers are given; "
+                      "unknown flags are Beam options)")
+  args, pipeline_args = parser.parse_known_args(argv)
+  if pipeline_args and not args.beam:
+    parser.error(f"unrecognized arguments: {' '.join(pipeline_args)}")
+  if args.beam and not _has_beam():
+    return _rerun_in_beam_venv(sys.argv[1:] if argv is None else list(argv))
 
   extractor = args.extractor or {"units": "units", "npy": "npy"}.get(
       args.corpus, "whisper")
@@ -147,8 +188,13 @@ def main(argv=None) -> int:
       text_vocab_size=args.text_vocab_size,
       text_model_file=args.text_model_file)
   try:
-    metadata = prepare.prepare(build_source(args), args.out_dir, options,
-                               on_error=args.on_error)
+    if args.beam:
+      from sld_jax.speech import beam_prepare  # pylint: disable=g-import-not-at-top
+      metadata = beam_prepare.prepare(build_source(args), args.out_dir, options,
+                                      pipeline_args, on_error=args.on_error)
+    else:
+      metadata = prepare.prepare(build_source(args), args.out_dir, options,
+                                 on_error=args.on_error)
   except (prepare.PrepareError, readers.CorpusError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -29,6 +29,14 @@ under ``$SLD_DATA_DIR/prepared/<task name>``; the LibriSpeech tasks read
 ``librispeech_prepared_dir()`` (gin-configurable, default
 ``$SLD_DATA_DIR/prepared/librispeech``) when their dataset is requested.
 
+Every task reads its prepared TFRecord shards through a
+``seqio.TFExampleDataSource`` whose file patterns resolve on first use
+(``PreparedFilePatterns``): with ``seqio.ShardInfo(i, n)`` each process
+reads every n-th shard ("Sharding at the data source: i+1 of n"), the shard
+order is shuffled with the seed before the examples are, and a prepared
+dir of the older single-file layout is read too (seqio then shards its
+examples instead).
+
 The vocabularies are lazy too: ``sld_librispeech_units`` uses the prepared
 SentencePiece text model, ``sld_librispeech_units_gpt2`` the GPT-2 BPE of
 ``gpt2_tokenizer_dir()`` (gin ``gpt2_tokenizer_dir.path``, else
@@ -44,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import gin
 import seqio
@@ -184,10 +192,38 @@ def gpt2_vocabulary(task_name: str) -> gpt2_vocab.Gpt2SpeechTextVocabulary:
       resolver=functools.partial(_gpt2_vocabulary_files, task_name), name=task_name)
 
 
-def _dataset_fn(task_name: str, split: str, shuffle_files: bool,
-                seed: Optional[int] = None) -> tf.data.Dataset:
-  del shuffle_files, seed  # one file per split; examples are shuffled by seqio
-  return prepare_lib.read_split(ensure_prepared(task_name), split)
+class PreparedFilePatterns(Mapping[str, str]):
+  """split -> glob of a task's prepared shards, resolved (and prepared) on lookup.
+
+  seqio's ``FileDataSource`` looks a pattern up only in ``list_shards`` /
+  ``get_dataset``, so registering a task builds nothing, and
+  ``$SLD_DATA_DIR`` / ``librispeech_prepared_dir`` are read when data is.
+  """
+
+  def __init__(self, task_name: str, splits):
+    self._task_name = task_name
+    self._splits = tuple(splits)
+
+  def __getitem__(self, split: str) -> str:
+    if split not in self._splits:
+      raise KeyError(split)
+    return prepare_lib.split_pattern(ensure_prepared(self._task_name), split)
+
+  def __iter__(self):
+    return iter(self._splits)
+
+  def __len__(self) -> int:
+    return len(self._splits)
+
+  def __repr__(self) -> str:
+    return f"PreparedFilePatterns({self._task_name!r}, {self._splits})"
+
+
+def prepared_data_source(task_name: str, splits) -> seqio.TFExampleDataSource:
+  """The shards of ``prepared_dir(task_name)`` as a seqio file data source."""
+  return seqio.TFExampleDataSource(
+      PreparedFilePatterns(task_name, splits),
+      feature_description=prepare_lib.FEATURE_SPEC)
 
 
 def register_task(task_name: str, splits, *,
@@ -201,16 +237,20 @@ def register_task(task_name: str, splits, *,
     splits: split names the source offers.
     vocabulary: default: a lazy ``SpeechTextVocabulary`` over the task's
       prepared text model and speech size.
-    dataset_fn: default: reads ``prepared_dir(task_name)`` (preparing it
-      first for embedded tasks).
+    dataset_fn: a ``seqio.FunctionDataSource`` function to read instead
+      (tests); default: the TFRecord shards of ``prepared_dir(task_name)``
+      (preparing it first for embedded tasks), ``prepared_data_source``.
   """
   vocabulary = vocabulary or seqio_vocab.SpeechTextVocabulary(
       resolver=functools.partial(_vocabulary_files, task_name), name=task_name)
-  dataset_fn = dataset_fn or functools.partial(_dataset_fn, task_name)
+  if dataset_fn is None:
+    source = prepared_data_source(task_name, splits)
+  else:
+    source = seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=splits)
   seqio.TaskRegistry.remove(task_name)
   return seqio.TaskRegistry.add(
       task_name,
-      source=seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=splits),
+      source=source,
       preprocessors=[preprocessors.units_and_text_to_targets,
                      preprocessors.truncate_speech_to_fit],
       output_features={"targets": seqio.Feature(

@@ -10,6 +10,8 @@ differs).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
 import socket
 import subprocess
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 from sld_jax import distributed
+from sld_jax import input_pipeline
 
 import tiny_train
 
@@ -108,3 +111,28 @@ def test_initialize_decides_from_flags_and_environment(monkeypatch):
   assert distributed.detected_cluster() == "SLURM_NTASKS"
   with pytest.raises(ValueError, match="mode"):
     distributed.initialize("sometimes")
+
+
+def test_each_of_two_processes_resumes_its_shards_of_a_sharded_task_exactly(caplog):
+  """Process p of 2 reads its own shards of the prepared smoke task (seqio
+  FileDataSource), and its batches from step s are those of an
+  uninterrupted run, across epoch boundaries (files and examples reshuffled
+  per epoch with the seed)."""
+  source = input_pipeline.SeqioSource(task_name="sld_embedded_digits_whisper_smoke",
+                                      global_batch_size=4, sequence_length=96, seed=3)
+  steps, resume_at = 30, 17   # about 10 steps per epoch per process
+  with caplog.at_level(logging.INFO):
+    straight = [list(itertools.islice(source.batches(0, p, 2), steps)) for p in range(2)]
+  assert "Sharding at the data source: 1 of 2" in caplog.text
+  assert "Sharding at the data source: 2 of 2" in caplog.text
+  assert "uncached FunctionDataset" not in caplog.text
+  for process in range(2):
+    resumed = list(itertools.islice(source.batches(resume_at, process, 2),
+                                    steps - resume_at))
+    for want, got in zip(straight[process][resume_at:], resumed, strict=True):
+      for name in input_pipeline.FEATURES:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  # The processes read different examples.
+  first = [b["decoder_target_tokens"].tobytes() for b in straight[0]]
+  second = [b["decoder_target_tokens"].tobytes() for b in straight[1]]
+  assert not set(first) & set(second)

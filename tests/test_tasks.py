@@ -301,3 +301,68 @@ def test_librispeech_task_resolves_its_dir_lazily(tmp_path, monkeypatch):
       tmp_path / "prepared" / "librispeech")
   with pytest.raises(ValueError, match="holds no prepared data"):
     tasks.get_layout("sld_librispeech_units")
+
+
+SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
+
+
+def _ids(task_name, split, shard_info=None, shuffle=False, seed=0):
+  dataset = tasks.get_dataset(task_name, split, 1024, batch_size=1, pack=False,
+                              shuffle=shuffle, seed=seed, shard_info=shard_info)
+  return [batch["id"][0].decode() for batch in dataset.as_numpy_iterator()]
+
+
+def test_default_tasks_read_their_shards_at_the_data_source(caplog):
+  task = seqio.get_mixture_or_task(SMOKE_TASK)
+  assert isinstance(task.source, seqio.FileDataSource)
+  shards = task.source.list_shards("train")
+  assert [os.path.basename(s) for s in shards] == [
+      f"train.tfrecord-{i:05d}-of-00008" for i in range(8)]
+  everything = sorted(_ids(SMOKE_TASK, "train"))
+  assert len(everything) == 150
+  with caplog.at_level(logging.INFO):
+    halves = [_ids(SMOKE_TASK, "train", seqio.ShardInfo(i, 2), shuffle=True)
+              for i in range(2)]
+  assert "Sharding at the data source: 1 of 2" in caplog.text
+  assert "Sharding at the data source: 2 of 2" in caplog.text
+  assert "uncached FunctionDataset" not in caplog.text
+  assert not set(halves[0]) & set(halves[1])
+  assert sorted(halves[0] + halves[1]) == everything
+  # Shuffling (files, then examples) is a function of the seed: a restarted
+  # run replays it; another seed gives another order.
+  assert _ids(SMOKE_TASK, "train", seqio.ShardInfo(0, 2), True, 0) == halves[0]
+  assert _ids(SMOKE_TASK, "train", seqio.ShardInfo(0, 2), True, 1) != halves[0]
+
+
+def test_single_file_prepared_dirs_are_sharded_in_place(tmp_path):
+  """A dir of the older ``<split>.tfrecord`` layout is read, then sharded."""
+  import json
+  import shutil
+  from sld_jax.speech import prepare
+  smoke = tasks.ensure_prepared(SMOKE_TASK)
+  old = tmp_path / "old"
+  shutil.copytree(smoke, old, ignore=shutil.ignore_patterns("*.tfrecord-*"))
+  metadata = json.loads((old / "metadata.json").read_text())
+  expected = {}
+  for split in metadata["splits"]:
+    with tf.io.TFRecordWriter(str(old / f"{split}.tfrecord")) as writer:
+      for record in tf.data.TFRecordDataset(prepare.split_files(smoke, split)):
+        writer.write(record.numpy())
+    expected[split] = [r["id"] for r in prepare.read_records(
+        prepare.split_files(smoke, split))]
+    metadata["files"]["splits"][split] = f"{split}.tfrecord"
+    del metadata["splits"][split]["num_shards"]
+  (old / "metadata.json").write_text(json.dumps(metadata))
+  assert [r["id"] for r in prepare.read_records(prepare.split_files(
+      str(old), "dev"))] == expected["dev"]
+
+  spec = tasks.EMBEDDED_TASKS[SMOKE_TASK]
+  migrated = prepare.prepare(prepare.EmbeddedSource(spec.corpus), str(old),
+                             spec.options)
+  assert migrated["files"]["splits"]["train"] == "train.tfrecord-?????-of-00008"
+  for split, ids in expected.items():
+    assert len(prepare.split_files(str(old), split)) == 8
+    assert [r["id"] for r in prepare.read_records(
+        prepare.split_files(str(old), split))] == ids
+    assert [ex["id"].decode() for ex in prepare.read_split(
+        str(old), split).as_numpy_iterator()] == ids

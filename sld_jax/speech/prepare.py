@@ -12,8 +12,12 @@ Pipeline (stages in order; each is skipped when its completion file exists)::
                       (train: plus speed-perturbed copies x0.9/x1.1 if asked)
     -> unit pieces    optional SentencePiece over the TRAIN units
                                                             unit_pieces.model
-    -> <split>.tfrecord   tf.train.Examples: id, speaker, units (int64 list),
-                          text (normalised), duration (seconds)
+    -> <split>.tfrecord-SSSSS-of-NNNNN
+                          tf.train.Examples: id, speaker, units (int64 list),
+                          text (normalised), duration (seconds), in
+                          ``num_shards_for`` shards (consecutive runs of
+                          utterances), so each training process reads its
+                          own files
     -> metadata.json      K, speech_size, text_size, extractor, options,
                           counts per split (written last)
 
@@ -226,9 +230,52 @@ def _locked(out_dir: str):
 
 
 def split_file(out_dir: str, split: str, raw: bool = False) -> str:
+  """The single-file layout of format 1 before sharding (still readable)."""
   name = f"{split}.tfrecord"
   return os.path.join(out_dir, "raw_units", name) if raw else os.path.join(
       out_dir, name)
+
+
+EXAMPLES_PER_SHARD = 1000
+MIN_SHARDS = 8
+MAX_SHARDS = 1024
+
+
+def num_shards_for(num_examples: int) -> int:
+  """Shards of a split: about 1000 examples each, at least 8 (so up to 8
+  training processes read whole files), at most 1024, never an empty one
+  (a split of 5 examples gets 5 shards, one of 0 gets 1)."""
+  wanted = max(MIN_SHARDS, -(-num_examples // EXAMPLES_PER_SHARD))
+  return max(1, min(wanted, MAX_SHARDS, num_examples))
+
+
+def shard_pattern(split: str, num_shards: int) -> str:
+  """The glob of a split's shards, relative to the prepared dir.
+
+  >>> shard_pattern("train", 8)
+  'train.tfrecord-?????-of-00008'
+  """
+  return f"{split}.tfrecord-?????-of-{num_shards:05d}"
+
+
+def shard_paths(out_dir: str, split: str, num_shards: int,
+                raw: bool = False) -> list[str]:
+  directory = os.path.join(out_dir, "raw_units") if raw else out_dir
+  return [os.path.join(directory, f"{split}.tfrecord-{i:05d}-of-"
+                       f"{num_shards:05d}") for i in range(num_shards)]
+
+
+def split_files(out_dir: str, split: str, raw: bool = False) -> list[str]:
+  """The TFRecord files of a prepared split: its shards, or the old single file."""
+  directory = os.path.join(out_dir, "raw_units") if raw else out_dir
+  shards = sorted(tf.io.gfile.glob(os.path.join(
+      directory, f"{split}.tfrecord-?????-of-?????")))
+  if shards:
+    return shards
+  if os.path.exists(split_file(out_dir, split, raw)):
+    return [split_file(out_dir, split, raw)]
+  raise PrepareError(f"{directory} holds no TFRecords of split {split!r} "
+                     f"({split}.tfrecord-SSSSS-of-NNNNN or {split}.tfrecord)")
 
 
 def _example(record: Mapping[str, Any]) -> bytes:
@@ -246,21 +293,46 @@ def _example(record: Mapping[str, Any]) -> bytes:
   })).SerializeToString()
 
 
-def _write_records(path: str, records: Iterable[Mapping[str, Any]]
-                   ) -> dict[str, Any]:
-  """Writes records atomically; returns counts for the completion file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".incomplete"
+def _write_records(out_dir: str, split: str, raw: bool,
+                   records: Iterable[Mapping[str, Any]],
+                   num_records: int) -> dict[str, Any]:
+  """Writes ``num_records`` records as ``num_shards_for(num_records)`` shards.
+
+  Record ``i`` goes to shard ``i * num_shards // num_records`` (consecutive
+  runs, so one file is open at a time; with fewer records than announced, the
+  last shards are shorter or empty). All shards are written under temporary
+  names and renamed at the end; returns counts for the completion file.
+  """
+  num_shards = num_shards_for(num_records)
+  paths = shard_paths(out_dir, split, num_shards, raw)
+  os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+  for stale in tf.io.gfile.glob(os.path.join(
+      os.path.dirname(paths[0]), f"{split}.tfrecord-?????-of-?????")):
+    os.remove(stale)  # an interrupted earlier attempt
   count, num_units, seconds = 0, 0, 0.0
-  with tf.io.TFRecordWriter(tmp) as writer:
+  shard, writer = -1, None
+  try:
     for record in records:
+      wanted = min(count * num_shards // max(num_records, 1), num_shards - 1)
+      while shard < wanted:
+        if writer is not None:
+          writer.close()
+        shard += 1
+        writer = tf.io.TFRecordWriter(paths[shard] + ".incomplete")
       writer.write(_example(record))
       count += 1
       num_units += len(record["units"])
       seconds += float(record["duration"])
-  os.replace(tmp, path)
+  finally:
+    if writer is not None:
+      writer.close()
+  for path in paths[shard + 1:]:
+    with tf.io.TFRecordWriter(path + ".incomplete"):
+      pass
+  for path in paths:
+    os.replace(path + ".incomplete", path)
   return {"num_examples": count, "num_units": num_units,
-          "hours": round(seconds / 3600.0, 4)}
+          "hours": round(seconds / 3600.0, 4), "num_shards": num_shards}
 
 
 FEATURE_SPEC = {
@@ -277,9 +349,9 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
   return tf.io.parse_single_example(serialized, FEATURE_SPEC)
 
 
-def read_records(path: str) -> Iterator[dict[str, Any]]:
-  """Prepared records of one TFRecord file as python values (eager)."""
-  for serialized in tf.data.TFRecordDataset(path):
+def read_records(paths) -> Iterator[dict[str, Any]]:
+  """Prepared records of TFRecord file(s), in file order, as python values."""
+  for serialized in tf.data.TFRecordDataset(paths):
     ex = parse_example(serialized)
     yield {"id": ex["id"].numpy().decode(),
            "speaker": ex["speaker"].numpy().decode(),
@@ -554,10 +626,12 @@ class _Preparer:
       return _read_json(_done_path(self.out_dir, name))
     os.makedirs(os.path.dirname(_done_path(self.out_dir, name)), exist_ok=True)
     start = time.time()
-    info = _write_records(split_file(self.out_dir, split, raw),
-                          self._unit_records(split))
+    speeds = 1 + (len(self.options.speed_perturb) if split == TRAIN else 0)
+    info = _write_records(self.out_dir, split, raw, self._unit_records(split),
+                          self.source.num_utterances(split) * speeds)
     if info["num_examples"] == 0:
-      os.remove(split_file(self.out_dir, split, raw))
+      for path in split_files(self.out_dir, split, raw):
+        os.remove(path)
       raise self._nothing_left(split, "its records")
     if self.skipped_counts(split):
       info["skipped"] = self.skipped_counts(split)
@@ -573,8 +647,8 @@ class _Preparer:
     if not _is_done(self.out_dir, "unit_pieces"):
       prefix = os.path.join(self.out_dir, "unit_pieces_tmp")
       model = units_lib.train_unit_pieces(
-          (r["units"] for r in read_records(split_file(self.out_dir, TRAIN,
-                                                       raw=True))),
+          (r["units"] for r in read_records(split_files(self.out_dir, TRAIN,
+                                                        raw=True))),
           self.options.unit_pieces, prefix,
           num_units=self.options.num_clusters)
       os.replace(model, path)
@@ -588,9 +662,11 @@ class _Preparer:
                         pieces: units_lib.UnitPieceModel) -> dict[str, Any]:
     if _is_done(self.out_dir, split):
       return _read_json(_done_path(self.out_dir, split))
+    raw = _read_json(_done_path(self.out_dir, f"raw_units/{split}"))
     records = ({**r, "units": pieces.encode(r["units"])}
-               for r in read_records(split_file(self.out_dir, split, raw=True)))
-    info = _write_records(split_file(self.out_dir, split), records)
+               for r in read_records(split_files(self.out_dir, split, raw=True)))
+    info = _write_records(self.out_dir, split, False, records,
+                          raw["num_examples"])
     _mark_done(self.out_dir, split, info)
     return info
 
@@ -628,7 +704,9 @@ class _Preparer:
                   "codebook": CODEBOOK if codebook is not None else None,
                   "unit_pieces": (UNIT_PIECES if self.options.unit_pieces
                                   else None),
-                  "splits": {s: os.path.basename(split_file(self.out_dir, s))
+                  "splits": {s: (shard_pattern(s, counts[s]["num_shards"])
+                                 if "num_shards" in counts[s] else  # unsharded
+                                 os.path.basename(split_file(self.out_dir, s)))
                              for s in splits}},
         "splits": counts,
         # From the splits' completion files: counts of an earlier, interrupted
@@ -695,8 +773,35 @@ def prepare(source: Source, out_dir: str,
   with _locked(out_dir):
     preparer.check_options()
     if is_prepared(out_dir):
-      return load_metadata(out_dir)
+      return _shard_unsharded_splits(out_dir)
     return preparer.run()
+
+
+def _shard_unsharded_splits(out_dir: str) -> dict[str, Any]:
+  """Migrates a dir of the single-file layout: writes the shards of each
+  ``<split>.tfrecord`` (same records, same order) and points metadata.json at
+  them. The old files are kept for readers of that layout; delete them once
+  none is left."""
+  metadata = load_metadata(out_dir)
+  unsharded = [split for split, name in metadata["files"]["splits"].items()
+               if name == os.path.basename(split_file(out_dir, split))]
+  if not unsharded:
+    return metadata
+  for split in sorted(unsharded):
+    name = metadata["files"]["splits"][split]
+    count = metadata["splits"][split]["num_examples"]
+    info = _write_records(out_dir, split, False,
+                          read_records(split_file(out_dir, split)), count)
+    if info["num_examples"] != count:
+      raise PrepareError(f"{split_file(out_dir, split)}: {info['num_examples']}"
+                         f" records, metadata.json says {count}")
+    metadata["files"]["splits"][split] = shard_pattern(split,
+                                                       info["num_shards"])
+    metadata["splits"][split]["num_shards"] = info["num_shards"]
+    logging.info("%s: sharded %s into %d files", out_dir, name,
+                 info["num_shards"])
+  _write_json(os.path.join(out_dir, METADATA), metadata)
+  return metadata
 
 
 def is_prepared(out_dir: str) -> bool:
@@ -716,11 +821,17 @@ def load_metadata(out_dir: str) -> dict[str, Any]:
   return metadata
 
 
-def read_split(out_dir: str, split: str) -> tf.data.Dataset:
-  """Prepared examples of a split: {id, speaker, text, units, duration}."""
+def split_pattern(out_dir: str, split: str) -> str:
+  """The file pattern of a prepared split (its shards, or an old single file)."""
   metadata = load_metadata(out_dir)
   if split not in metadata["splits"]:
     raise PrepareError(f"{out_dir} has no split {split!r}; prepared splits: "
                        f"{sorted(metadata['splits'])}")
-  return tf.data.TFRecordDataset(split_file(out_dir, split)).map(
+  return os.path.join(out_dir, metadata["files"]["splits"][split])
+
+
+def read_split(out_dir: str, split: str) -> tf.data.Dataset:
+  """Prepared examples of a split, shards in order: {id, speaker, text, units, duration}."""
+  files = sorted(tf.io.gfile.glob(split_pattern(out_dir, split)))
+  return tf.data.TFRecordDataset(files).map(
       parse_example, num_parallel_calls=tf.data.AUTOTUNE)

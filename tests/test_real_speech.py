@@ -78,3 +78,16 @@ def test_embedded_source_offers_an_eval_only_real_split(tmp_path, monkeypatch):
   plain = corpus_sources.EmbeddedSource("digits_default")
   assert plain.splits() == ec.SPLITS
   assert "real" not in plain.description()  # prepared dirs stay valid
+
+
+def test_demo_task_scores_the_real_split_with_dev_and_test():
+  import seqio  # pylint: disable=g-import-not-at-top
+  from sld_jax import eval_data  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top
+  for name, spec in tasks.EMBEDDED_TASKS.items():
+    # the task offers exactly the splits its corpus source prepares
+    assert tuple(seqio.get_mixture_or_task(name).splits) == \
+        corpus_sources.EmbeddedSource(spec.corpus).splits(), name
+  assert eval_data.eval_splits("sld_embedded_digits_robust_whisper") == [
+      "dev", "test", "real"]
+  assert eval_data.eval_splits("sld_embedded_digits_whisper") == ["dev", "test"]

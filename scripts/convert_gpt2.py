@@ -25,13 +25,14 @@ and predicts sld_jax ids); ``gpt2`` writes the text rows only, in GPT-2 order
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import jax
-import orbax.checkpoint as ocp
 
+from sld_jax import checkpointing
 from sld_jax import gpt2_vocab
 from sld_jax import hf_gpt2
 from sld_jax import hf_gpt2_files
@@ -67,16 +68,22 @@ def run_import(args) -> None:
 
 
 def _trainer_params(step_dir: str):
-  """The ``params`` of a TrainState written by ``sld_jax.checkpointing``."""
-  state_dir = os.path.join(step_dir, "state")
-  if not os.path.isdir(state_dir):
+  """The ``params`` of a TrainState written by ``sld_jax.checkpointing``.
+
+  Read by the shared checkpoint reader, so the step's checksums are verified.
+  """
+  step_dir = os.path.abspath(step_dir)
+  if not (os.path.isdir(os.path.join(step_dir, "state"))
+          and os.path.basename(step_dir).isdigit()):
     raise FileNotFoundError(f"{step_dir} is not a training checkpoint step (no state/)")
-  checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(state_dir).item_metadata.tree
-  if "params" not in tree:
-    raise ValueError(f"{state_dir} holds no 'params' (keys {sorted(tree)})")
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-  return checkpointer.restore(state_dir, target)["params"]
+  step = int(os.path.basename(step_dir))
+  with contextlib.closing(checkpointing.Checkpointer(os.path.dirname(step_dir),
+                                                     read_only=True)) as reader:
+    tree = reader.state_metadata(step)
+    if "params" not in tree:
+      raise ValueError(f"{step_dir}/state holds no 'params' (keys {sorted(tree)})")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
+    return reader.restore_params(target, step)
 
 
 def run_export(args) -> None:

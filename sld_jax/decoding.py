@@ -1,7 +1,8 @@
 """Transcript decoding from a speech prompt with a KV cache: greedy and beam search.
 
-The prompt of row b is ``units <speech_end>`` (``prompt_lengths[b]`` tokens,
-right-padded). It is prefilled into the cache in one pass; then one token per
+The prompt of row b is ``0 units <speech_end>`` (``prompt_lengths[b]`` tokens,
+right-padded): the decoder inputs training feeds before the first text token
+(``sld_jax.model_inputs``). It is prefilled into the cache in one pass; then one token per
 row per step is generated until every row has emitted ``<text_end>`` or spent
 its text budget. Only text ids can be emitted: PAD, <speech_end>, the units
 and the rounding ids get ``-inf`` logits before the decoding softmax.

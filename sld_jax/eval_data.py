@@ -5,22 +5,29 @@ utterance per row, a fixed number ``B`` of rows (the last batch is padded
 with all-zero dummy rows, whose results are dropped)::
 
   decoder_target_tokens  [B, L]  units <speech_end> text <text_end>, 0-padded
-  decoder_input_tokens   [B, L]  the targets shifted right
+  decoder_input_tokens   [B, L]  the targets shifted right (0 first)
   decoder_loss_weights   [B, L]  1 on real tokens; an all-zero row is a dummy
-  speech_length [B], id [B], text [B]   optional passthrough features
+  speech_length [B], id [B], text [B], truncated_units [B]
+                                 optional passthrough features
 
-Example, ``VocabLayout(text_size=14)`` (<speech_end>=14, unit u -> 15 + u),
-B=3 with one dummy row, L=8::
+Prompts are what training feeds before the first text token
+(``sld_jax.model_inputs``): ``0 u1 .. uN <speech_end>``, the first
+``speech_length + 1`` decoder inputs. Example, ``VocabLayout(text_size=14)``
+(<speech_end>=14, unit u -> 15 + u), B=3 with one dummy row, L=8::
 
   targets        [[18, 15, 14,  5,  7,  1,  0,  0],   speech_length [3, 2, 0]
                   [16, 14,  9,  1,  0,  0,  0,  0],
                   [ 0,  0,  0,  0,  0,  0,  0,  0]]
-  prompt_lengths [3, 2, 1]                            (dummy rows: 1)
-  make_prompts(..., width=4)
-                 [[18, 15, 14,  0],
-                  [16, 14,  0,  0],
-                  [14,  0,  0,  0]]                   (dummy: just <speech_end>)
-  reference_ids  [5, 7] and [9]   (used only when there is no ``text``)
+  inputs         [[ 0, 18, 15, 14,  5,  7,  1,  0],
+                  [ 0, 16, 14,  9,  1,  0,  0,  0],
+                  [ 0,  0,  0,  0,  0,  0,  0,  0]]
+  prompt_lengths [4, 3, 2]                            (dummy rows: 2)
+  make_prompts(..., width=5)
+                 [[ 0, 18, 15, 14,  0],
+                  [ 0, 16, 14,  0,  0],
+                  [ 0, 14,  0,  0,  0]]               (dummy: an empty utterance)
+  reference_ids  [5, 7] and [9]   (targets from prompt_length - 1; used only
+                                   when there is no ``text``)
 
 Prompts are padded to a power-of-two bucket (``prompt_bucket``, >= 16) so
 that decoding compiles once per bucket, not once per batch.
@@ -33,10 +40,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 
 from sld_jax import input_pipeline
+from sld_jax import model_inputs
 from sld_jax.vocab import VocabLayout
 
 HostBatch = dict[str, np.ndarray]
@@ -56,7 +65,7 @@ def real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def prompt_lengths(batch: Mapping[str, np.ndarray], layout: VocabLayout,
                    where: str = "batch") -> np.ndarray:
-  """[B] prompt lengths (units + <speech_end>); 1 for dummy rows.
+  """[B] prompt lengths (0 + units + <speech_end>); 2 for dummy rows.
 
   Raises:
     ValueError: a real row has no <speech_end>, or disagrees with its
@@ -65,7 +74,7 @@ def prompt_lengths(batch: Mapping[str, np.ndarray], layout: VocabLayout,
   targets = np.asarray(batch["decoder_target_tokens"])
   real = real_rows(batch)
   is_end = targets == layout.speech_end_id
-  lengths = np.argmax(is_end, axis=1).astype(np.int32) + 1
+  lengths = model_inputs.speech_lengths(targets, layout)
   for row in np.flatnonzero(real & ~is_end.any(axis=1)):
     raise ValueError(
         f"{where}: row {row} ({row_name(batch, row)}) has no <speech_end> "
@@ -77,7 +86,7 @@ def prompt_lengths(batch: Mapping[str, np.ndarray], layout: VocabLayout,
       raise ValueError(
           f"{where}: row {row} ({row_name(batch, row)}) has speech_length "
           f"{given[row]} but its first <speech_end> is at position {lengths[row] - 1}")
-  return np.where(real, lengths, 1).astype(np.int32)
+  return model_inputs.prompt_length(np.where(real, lengths, 1)).astype(np.int32)
 
 
 def row_name(batch: Mapping[str, np.ndarray], row: int) -> str:
@@ -91,17 +100,28 @@ def prompt_bucket(length: int, limit: int) -> int:
 
 def make_prompts(batch: Mapping[str, np.ndarray], lengths: np.ndarray, width: int,
                  layout: VocabLayout) -> np.ndarray:
-  """[B, width] prompts: targets before ``lengths``, 0 after; dummy rows ``[<speech_end>]``."""
-  targets = np.asarray(batch["decoder_target_tokens"])[:, :width]
-  targets = np.pad(targets, ((0, 0), (0, width - targets.shape[1])))
-  prompts = np.where(np.arange(width)[None, :] < lengths[:, None], targets, 0)
-  prompts[~real_rows(batch), 0] = layout.speech_end_id
-  return prompts.astype(np.int32)
+  """[B, width] prompts: the first ``lengths`` decoder inputs, 0 after.
+
+  Built by ``model_inputs.batch_prompts`` from the targets, after checking
+  that the batch's ``decoder_input_tokens`` (what teacher forcing feeds) are
+  those targets shifted right; dummy rows get ``[0, <speech_end>]``.
+  """
+  real = real_rows(batch)
+  targets = np.where(real[:, None], np.asarray(batch["decoder_target_tokens"]), 0)
+  inputs = batch.get("decoder_input_tokens")
+  if inputs is not None:
+    inputs = np.where(real[:, None], np.asarray(inputs), 0)
+  prompts, built = model_inputs.batch_prompts(targets, width, layout, inputs)
+  if not np.array_equal(built, lengths):
+    raise ValueError(f"make_prompts: lengths {np.asarray(lengths).tolist()} are not the "
+                     f"prompt lengths of the batch {built.tolist()} (use prompt_lengths)")
+  return prompts
 
 
 def reference_ids(targets: np.ndarray, prompt_length: int, layout: VocabLayout) -> list[int]:
-  """The transcript ids of one target row: after the prompt, before <text_end>."""
-  text = targets[prompt_length:]
+  """The transcript ids of one target row: from the target at the prompt's last
+  position (``prompt_length - 1``, predicted from <speech_end>), before <text_end>."""
+  text = targets[prompt_length - 1:]
   end = np.flatnonzero(text == layout.eos_id)
   return text[:end[0] if end.size else len(text)].tolist()
 
@@ -128,8 +148,9 @@ def unpack_rows(batches: Iterable[Mapping[str, np.ndarray]], rows: int) -> list[
     batch = {name: np.zeros((rows, length), np.int32) for name in MODEL_FEATURES[:3]}
     for row, sequence in enumerate(chunk):
       batch["decoder_target_tokens"][row, :len(sequence)] = sequence
-      batch["decoder_input_tokens"][row, 1:len(sequence)] = sequence[:-1]
       batch["decoder_loss_weights"][row, :len(sequence)] = 1
+    batch["decoder_input_tokens"] = model_inputs.decoder_input_tokens(
+        batch["decoder_target_tokens"])
     out.append(batch)
   return out
 
@@ -177,35 +198,41 @@ def task_eval_batches(task_name: str, split: str, *, sequence_length: int, batch
   ``batch_size`` is global; this process reads its shard of the examples in
   ``batch_size / process_count`` rows per batch, the last batch padded with
   dummy rows; every process returns the same number of batches. Examples
-  longer than ``sequence_length`` are filtered by the task (with a logged
-  count).
+  longer than ``sequence_length`` keep the first ``L - 2 - len(text)``
+  units, as released (``tasks.preprocessors.truncate_speech_to_fit``): the
+  split is scored in full, and ``truncated_units`` says by how much each row
+  was cut (``truncation_counts``).
   """
   import seqio  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top
+  from tasks import batches as task_batches  # pylint: disable=g-import-not-at-top
   check_split(task_name, split)
-  rows = input_pipeline.host_batch_size(batch_size, process_count)
-  dataset = tasks.get_dataset(task_name, split, sequence_length, rows, pack=False,
-                              shuffle=False, seed=None,
-                              shard_info=seqio.ShardInfo(process_index, process_count),
-                              num_epochs=1, drop_remainder=False)
-  batches = []
-  for batch in dataset.as_numpy_iterator():
-    batch = {k: (np.asarray(v, np.int32) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
-             for k, v in batch.items()}
-    batches.append(input_pipeline.pad_rows(batch, rows))
-    if max_batches is not None and len(batches) == max_batches:
-      break
-  count = len(batches)
-  if process_count > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    count = int(np.max(multihost_utils.process_allgather(np.array(count))))
-  if not batches:
-    raise ValueError(
-        f"task {task_name!r} split {split!r} has no examples of at most {sequence_length} "
-        f"tokens" + (f" for process {process_index} of {process_count}; use fewer processes"
-                     if process_count > 1 else ""))
-  batches += [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (count - len(batches))
+  batches = task_batches.eval_batches(
+      task_name, split, sequence_length=sequence_length,
+      batch_size=input_pipeline.host_batch_size(batch_size, process_count),
+      shard_info=seqio.ShardInfo(process_index, process_count), max_batches=max_batches)
+  truncated, units = truncation_counts(batches)
+  (logging.warning if truncated else logging.info)(
+      "%s/%s: %d utterances to score, %d with speech truncated to fit %d tokens "
+      "(%d units dropped)", task_name, split, int(sum(real_rows(b).sum() for b in batches)),
+      truncated, sequence_length, units)
   return batches
+
+
+TRUNCATION_METRICS = ("num_truncated_utterances", "truncated_units")
+
+
+def truncation_counts(batches: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+  """``[utterances whose speech was truncated to fit, units dropped]`` over real rows.
+
+  Batches without ``truncated_units`` (e.g. synthetic sources) count 0; the
+  names are ``TRUNCATION_METRICS`` (the keys in each split's metrics.json).
+  """
+  counts = np.zeros(2, np.int64)
+  for batch in batches:
+    if "truncated_units" in batch:
+      dropped = np.asarray(batch["truncated_units"])[real_rows(batch)]
+      counts += [int(np.sum(dropped > 0)), int(np.sum(dropped))]
+  return counts
 
 
 def source_eval_data(source: input_pipeline.BatchSource, max_batches: Optional[int] = None

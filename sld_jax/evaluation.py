@@ -141,41 +141,25 @@ class Scorer:
         self._score, in_shardings=(param_shardings, partitioning.data_sharding(mesh, 2)),
         out_shardings=self.replicated)
 
-  def cache_length(self, prompt_width: int) -> int:
-    return min(self.model.config.max_length, prompt_width + self.decoding.max_decode_length)
-
   def _decode(self, params, prompt_tokens, lengths) -> decoding.DecodeResult:
-    module = self.model.module
-    batch, width = prompt_tokens.shape
-    cache_length = self.cache_length(width)
     with nn.logical_axis_rules(self.rules):
-      cache_shardings = partitioning.logical_shardings(
-          decoder_lib.abstract_cache(module, batch, cache_length), self.mesh, self.rules)
-      cache = jax.lax.with_sharding_constraint(
-          decoder_lib.init_cache(module, batch, cache_length), cache_shardings)
-      max_decode_length = min(self.decoding.max_decode_length, cache_length - 1)
-      return decoding.decode(
-          *decoding.cached_fns(module, params, self.layout), cache, prompt_tokens, lengths,
-          layout=self.layout, max_decode_length=max_decode_length,
+      def constrain_cache(cache, batch, cache_length):
+        boxed = decoder_lib.abstract_cache(self.model.module, batch, cache_length)
+        return jax.lax.with_sharding_constraint(
+            cache, partitioning.logical_shardings(boxed, self.mesh, self.rules))
+      return self.model.predict_batch(
+          params, prompt_tokens, lengths, max_decode_length=self.decoding.max_decode_length,
           method=self.decoding.method, beam_size=self.decoding.beam_size,
-          alpha=self.decoding.length_penalty,
-          budgets=jnp.minimum(max_decode_length, cache_length - lengths),
-          cache_batch_axes=decoding.decoder_cache_batch_axes(module, batch, cache_length))
+          length_penalty=self.decoding.length_penalty, constrain_cache=constrain_cache)
 
   def _score(self, params, batch):
-    """Teacher-forced sums (``SpeechTextLM.to_sums``) and per-row transcript log p."""
     with nn.logical_axis_rules(self.rules):
-      _, aux = self.model.loss_fn(params, batch)
-      logits = self.model.logits(params, batch)
-    layout = self.layout
-    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    log_probs = jax.nn.log_softmax(logits[..., :layout.real_size].astype(jnp.float32))
-    safe = jnp.clip(targets, 0, layout.real_size - 1)
-    token_logp = jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
-    text = (weights > 0) & layout.is_text(targets)
-    return {"sums": self.model.to_sums(aux),
-            "transcript_logprob": jnp.sum(jnp.where(text, token_logp, 0.0), axis=1),
-            "transcript_tokens": jnp.sum(text, axis=1)}
+      return self.model.score_batch(params, batch)
+
+  @property
+  def num_compiled(self) -> int:
+    """How many programs were compiled (one per decoding shape, one for scoring)."""
+    return len(self._compiled)
 
   def _compile(self, name: str, jitted, params, *inputs):
     key = (name, jax.tree.structure(inputs),
@@ -338,6 +322,8 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
           "char_count": char.reference_length, "ended": bool(result.ended[row]),
           "hypothesis_tokens": len(hyp_ids), "decode_score": float(result.scores[row]),
       }
+      if "truncated_units" in batch:
+        record["truncated_units"] = int(batch["truncated_units"][row])
       if scores is not None:
         record["transcript_logprob"] = float(scores["transcript_logprob"][row])
         record["transcript_tokens"] = int(scores["transcript_tokens"][row])
@@ -347,6 +333,8 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
   bar.close()
   metrics = _corpus_metrics(scorer, predictions, words, chars, generated, sums)
   metrics.update(_speed(metrics, decode_seconds, scorer.compile_seconds - compile_start))
+  metrics.update(zip(eval_data.TRUNCATION_METRICS,
+                     (int(x) for x in _allreduce_sum(eval_data.truncation_counts(batches)))))
   return SplitScore(predictions, metrics)
 
 

@@ -31,12 +31,15 @@ GPT-2 with K = 6000 units (``VocabLayout(50259, 6000)``, 56320 rows)::
   rows 0 (PAD), 2 (UNK)                      new
   row 1 (EOS)         = wte[50256]            <|endoftext|>
   rows 3 .. 50258     = wte[0 .. 50255]
-  row 50259 (<speech_end>), 50260 .. 56259 (units), 56260 .. 56319 (rounding): new
+  row 50259 (<speech_end>), 50260 .. 56259 (units), 56260 (<time_mask>),
+  56261 .. 56319 (rounding): new
 
 New rows are ``new_row_init="mean"``: the mean of the pretrained rows plus
 N(0, (0.01 * per-dimension std)^2) noise, so the text distribution barely
 moves (each new row's logit is about the average text logit), or
-``"normal"``: N(0, 0.02^2) like a fresh GPT-2 row. The text columns of the
+``"normal"``: N(0, 0.02^2) like a fresh GPT-2 row, as the release
+initialised its new rows (the paper configs choose it with
+``hf_gpt2.init_params_from.new_row_init = "normal"``). The text columns of the
 imported model reproduce the GPT-2 logits exactly; a softmax over the whole
 real vocabulary (as the losses use) gives the new rows a little mass, at
 most ``log(1 + new / text)`` nats of extra loss with mean rows (Jensen).
@@ -65,6 +68,7 @@ GPT-2 directory (converted on the fly) or a directory written by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -72,11 +76,13 @@ import shutil
 from typing import Any, Optional
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 
+from sld_jax import checkpointing
 from sld_jax import gpt2_vocab
 from sld_jax import hf_gpt2_files as hf_files
 from sld_jax import vocab as vocab_lib
@@ -499,6 +505,7 @@ def save_params(params: Params, directory: str, *, config: DecoderConfig,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, PARAMS_SUBDIR), params, force=True)
   checkpointer.wait_until_finished()
+  checkpointing.write_checksums(os.path.join(directory, PARAMS_SUBDIR), step=0)
   metadata = {"config": dataclasses.asdict(config), "layout": _layout_json(layout),
               "text_id_map": None if text_id_map is None else text_id_map.to_json(),
               "source": source}
@@ -538,6 +545,7 @@ def restore_params(directory: str, config: DecoderConfig, layout: vocab_lib.Voca
       raise ValueError(f"{meta_file}: the params were saved for {saved_layout}, "
                        f"the run uses {layout}")
   abstract = abstract_params(config)
+  checkpointing.verify_checksums(params_dir, step=0)
   checkpointer = ocp.StandardCheckpointer()
   saved_tree = checkpointer.metadata(params_dir).item_metadata.tree
   _check_tree(saved_tree, config, f"orbax params {params_dir}")
@@ -556,21 +564,26 @@ def place_params(params: Params, shardings: Params) -> Params:
       params, shardings)
 
 
+@gin.configurable(denylist=["path", "config", "layout", "shardings"])
 def init_params_from(path: str, config: DecoderConfig, layout: vocab_lib.VocabLayout, *,
                      shardings: Optional[Params] = None, init_seed: int = 0,
                      new_row_init: str = "mean") -> Params:
-  """Initial training params from a HF GPT-2 directory or a ``save_params`` dir.
+  """Initial training params from a HF GPT-2 directory, a ``save_params`` dir
+  or a training run.
 
   Args:
     path: a HF GPT-2 directory (has ``config.json``; converted now, see
-      ``load_hf_gpt2``) or a directory written by ``save_params`` /
-      ``scripts/convert_gpt2.py``.
+      ``load_hf_gpt2``), a directory written by ``save_params`` /
+      ``scripts/convert_gpt2.py``, or a MODEL_DIR of ``sld_jax.train`` (its
+      latest checkpoint's params, read by ``checkpointing.Checkpointer``).
     config: the model being trained; must match the checkpoint's shape.
     layout: the run's vocabulary layout (``text_size`` must be the GPT-2
       map's: use ``Gpt2SpeechTextVocabulary`` for the data).
     shardings: optional pytree of shardings like the params (e.g. the
       trainer's ``state_shardings.params``): returns global arrays placed so.
-    init_seed, new_row_init: for the new rows of a HF import.
+    init_seed, new_row_init: for the new rows of a HF import; gin-configurable
+      (``hf_gpt2.init_params_from.new_row_init = "normal"``: N(0, 0.02^2) as
+      the release's ``resize_token_embeddings`` did; "mean" by default).
 
   Returns:
     Unboxed params in ``config.param_dtype``: numpy arrays, or jax arrays
@@ -580,6 +593,13 @@ def init_params_from(path: str, config: DecoderConfig, layout: vocab_lib.VocabLa
     _, params, _, _ = load_hf_gpt2(path, layout=layout, expected_config=config,
                                    init_seed=init_seed, new_row_init=new_row_init)
     return params if shardings is None else place_params(params, shardings)
+  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_SUBDIR)):
+    target = abstract_params(config)
+    if shardings is not None:
+      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            target, shardings)
+    with contextlib.closing(checkpointing.model_dir_checkpoints(path)) as reader:
+      return reader.restore_params(target, model_info=f"{config}, vocabulary {layout}")
   if _params_dir(path) is None:
     raise FileNotFoundError(
         f"init path {path} is neither a HF GPT-2 directory (config.json) nor an orbax "

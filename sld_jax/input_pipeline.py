@@ -45,6 +45,7 @@ import gin
 import jax
 import numpy as np
 
+from sld_jax import model_inputs
 from sld_jax.vocab import EOS_ID, VocabLayout
 
 FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
@@ -184,7 +185,7 @@ class SyntheticSource(BatchSource):
       segment += 1
       span = slice(used, used + len(sequence))
       row["decoder_target_tokens"][span] = sequence
-      row["decoder_input_tokens"][span] = np.concatenate([[0], sequence[:-1]])
+      row["decoder_input_tokens"][span] = model_inputs.decoder_input_tokens(sequence)
       row["decoder_loss_weights"][span] = 1
       row["decoder_segment_ids"][span] = segment
       row["decoder_positions"][span] = np.arange(len(sequence))
@@ -285,22 +286,10 @@ class SeqioSource(BatchSource):
     process returns the same number of batches (all-padding batches fill the
     shorter shards), since evaluation steps are collective.
     """
-    rows = host_batch_size(self.global_batch_size, process_count)
-    dataset = self._dataset(process_index, process_count, pack=False, shuffle=False,
-                            num_epochs=1)
-    batches = []
-    for batch in dataset.as_numpy_iterator():
-      batches.append(pad_rows(
-          {name: np.asarray(batch[name], np.int32) for name in FEATURES if name in batch}, rows))
-      if max_batches is not None and len(batches) == max_batches:
-        break
-    if not batches:
-      raise ValueError(
-          f"task {self.task_name!r} split {self.split!r}: process {process_index} of "
-          f"{process_count} got no examples")
-    count = len(batches)
-    if process_count > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      count = int(np.max(multihost_utils.process_allgather(np.array(count))))
-    batches += [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (count - len(batches))
-    return batches
+    import seqio  # pylint: disable=g-import-not-at-top
+    from tasks import batches as task_batches  # pylint: disable=g-import-not-at-top
+    return task_batches.eval_batches(
+        self.task_name, self.split, sequence_length=self.sequence_length,
+        batch_size=host_batch_size(self.global_batch_size, process_count),
+        shard_info=seqio.ShardInfo(process_index, process_count), max_batches=max_batches,
+        passthrough=False)

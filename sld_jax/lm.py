@@ -6,13 +6,16 @@ corruption used in training, and the contract on batches (seqio decoder
 features, see ``sld_jax.input_pipeline``).
 
 Time masking (the released code's input corruption): during training each
-*input* token is replaced by ``<text_end>`` (EOS, id 1) with probability
-``time_mask_prob``; targets, weights, segments and positions are unchanged,
-and only real tokens (id > 0) are touched::
+*input* token is replaced by ``<time_mask>`` (``layout.mask_id``, the first
+id past the real vocabulary: an input-only symbol, distinct from
+``<text_end>``, see ``sld_jax.vocab``) with probability ``time_mask_prob``;
+targets, weights, segments and positions are unchanged, and only real tokens
+(id > 0) are touched. With ``VocabLayout(text_size=8, speech_size=4)``
+(mask id 13)::
 
   decoder_input_tokens  [ 0  9 10 12  8  5  0 11  8  4]
   coin < p              [ .  x  .  .  .  x  x  .  .  .]
-  corrupted             [ 0  1 10 12  8  1  0 11  8  4]   (the 0s stay: BOS/padding)
+  corrupted             [ 0 13 10 12  8 13  0 11  8  4]   (the 0s stay: BOS/padding)
 
 Gradient accumulation splits a batch into microbatches whose gradients add
 up to the gradient of the whole batch: every objective is a sum of per-token
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sld_jax import decoding
 from sld_jax import losses
 from sld_jax.model import decoder as decoder_lib
 from sld_jax.model.config import DecoderConfig, decoder_config
@@ -41,18 +45,22 @@ from sld_jax.vocab import VocabLayout
 Batch = Mapping[str, jax.Array]
 REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 OPTIONAL_FEATURES = ("decoder_segment_ids", "decoder_positions")
-COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_sequences",
-          "num_target_tokens")
+TIME_MASK_SYMBOLS = ("time_mask", "text_end")
+COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_kl_positions",
+          "num_sequences", "num_target_tokens")
 # Per-token means and the count each one is a mean over ("kl" is resolved
-# from the KL target: units for "paper", sequences for "reference").
+# from LossConfig.kl_normalization: sequences, or the KL positions).
 MEANS = {"ce_text": "num_text_tokens", "accuracy_text": "num_text_tokens",
          "ce_speech": "num_speech_tokens", "accuracy_speech": "num_speech_tokens",
          "kl_speech": "kl"}
 
 
 def time_mask(tokens: jax.Array, rng: jax.Array, prob: float,
-              replacement: int = 1) -> jax.Array:
-  """Replaces each real (> 0) token by ``replacement`` with probability ``prob``."""
+              replacement: int) -> jax.Array:
+  """Replaces each real (> 0) token by ``replacement`` with probability ``prob``.
+
+  ``replacement`` is ``layout.mask_id`` in training (``SpeechTextLM.loss_fn``).
+  """
   if prob <= 0.0:
     return tokens
   coin = jax.random.bernoulli(rng, prob, tokens.shape)
@@ -68,12 +76,21 @@ class SpeechTextLM:
     config: the decoder's ``DecoderConfig`` (``vocab_size == layout.size``).
     loss_config: the objective (``sld_jax.losses.LossConfig``).
     time_mask_prob: input corruption probability in training (paper: 0.3).
+    loss_chunk_size: None: the loss reads the decoder's ``[B, L, V]`` float32
+      logits. An int C: the decoder returns its last hidden states and the
+      loss projects them C positions at a time
+      (``losses.compute_loss_chunked``): the same values, without ``[B, L, V]``
+      logits in memory in either pass (what large vocabularies need).
+    time_mask_symbol: "time_mask" (``layout.mask_id``, the default) or
+      "text_end" (id 1, what sld_jax used before; kept to measure the
+      difference, docs/paper-fidelity.md).
   """
 
   def __init__(self, layout: VocabLayout,
                decoder: Callable[..., DecoderConfig] = decoder_config,
                loss_config: Optional[losses.LossConfig] = None,
-               time_mask_prob: float = 0.0):
+               time_mask_prob: float = 0.0, time_mask_symbol: str = "time_mask",
+               loss_chunk_size: Optional[int] = None):
     """Builds the decoder config with ``decoder(vocab_size=layout.size)``.
 
     Args:
@@ -82,9 +99,14 @@ class SpeechTextLM:
         ``@decoder_config`` configured by ``gin_configs/models/*.gin``.
       loss_config: the objective; default ``LossConfig()`` (gin-configured).
       time_mask_prob: probability in [0, 1).
+      time_mask_symbol: "time_mask" or "text_end" (the replacement id).
+      loss_chunk_size: positions per chunk of the chunked loss, or None.
     """
     if not 0.0 <= time_mask_prob < 1.0:
       raise ValueError(f"SpeechTextLM.time_mask_prob must be in [0, 1), got {time_mask_prob}")
+    if time_mask_symbol not in TIME_MASK_SYMBOLS:
+      raise ValueError(f"SpeechTextLM.time_mask_symbol must be one of {TIME_MASK_SYMBOLS}, "
+                       f"got {time_mask_symbol!r}")
     self.layout = layout
     self.config = decoder(vocab_size=layout.size)
     if self.config.vocab_size != layout.size:
@@ -92,6 +114,13 @@ class SpeechTextLM:
           f"decoder vocab_size {self.config.vocab_size} != layout.size {layout.size}")
     self.loss_config = loss_config if loss_config is not None else losses.LossConfig()
     self.time_mask_prob = float(time_mask_prob)
+    if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or
+                                        not isinstance(loss_chunk_size, int) or
+                                        loss_chunk_size <= 0):
+      raise ValueError(
+          f"SpeechTextLM.loss_chunk_size must be None or a positive int, got {loss_chunk_size!r}")
+    self.loss_chunk_size = loss_chunk_size
+    self.time_mask_id = layout.mask_id if time_mask_symbol == "time_mask" else layout.eos_id
     self.module = decoder_lib.Decoder(self.config)
 
   # -- parameters and logits -------------------------------------------------
@@ -101,14 +130,18 @@ class SpeechTextLM:
     return decoder_lib.init_params(self.module, rng)
 
   def logits(self, params: Any, batch: Batch, *, dropout_rng: Optional[jax.Array] = None,
-             input_tokens: Optional[jax.Array] = None) -> jax.Array:
-    """``[B, L, V]`` float32 logits; dropout on iff ``dropout_rng`` is given."""
+             input_tokens: Optional[jax.Array] = None, return_hidden: bool = False
+             ) -> jax.Array:
+    """``[B, L, V]`` float32 logits; dropout on iff ``dropout_rng`` is given.
+
+    ``return_hidden``: the decoder's final-norm outputs ``[B, L, E]`` instead.
+    """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     return self.module.apply(
         {"params": params},
         batch["decoder_input_tokens"] if input_tokens is None else input_tokens,
         batch.get("decoder_positions"), batch.get("decoder_segment_ids"),
-        enable_dropout=dropout_rng is not None, rngs=rngs)
+        enable_dropout=dropout_rng is not None, return_hidden=return_hidden, rngs=rngs)
 
   # -- the objective ---------------------------------------------------------
 
@@ -129,11 +162,20 @@ class SpeechTextLM:
     if rng is not None:
       dropout_rng = jax.random.fold_in(rng, 0)
       inputs = time_mask(inputs, jax.random.fold_in(rng, 1), self.time_mask_prob,
-                         self.layout.eos_id)
-    logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
-    loss, aux = losses.compute_loss_from_config(
-        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-        batch.get("decoder_segment_ids"), self.layout, self.loss_config)
+                         self.time_mask_id)
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    segment_ids = batch.get("decoder_segment_ids")
+    if self.loss_chunk_size is None:
+      logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
+      loss, aux = losses.compute_loss_from_config(
+          logits, targets, weights, segment_ids, self.layout, self.loss_config)
+    else:
+      hidden = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs,
+                           return_hidden=True)
+      project = decoder_lib.vocab_projection(self.config, params, self.layout.real_size)
+      loss, aux = losses.compute_loss_chunked(
+          hidden, project, targets, weights, segment_ids, layout=self.layout,
+          chunk_size=self.loss_chunk_size, **self.loss_config.knobs())
     aux = dict(aux, num_target_tokens=jnp.sum(batch["decoder_loss_weights"] > 0))
     return loss, aux
 
@@ -149,17 +191,23 @@ class SpeechTextLM:
   def _count_of(self, mean_name: str) -> str:
     count = MEANS[mean_name]
     if count == "kl":
-      return "num_unit_tokens" if self.loss_config.kl_target == "paper" else "num_sequences"
+      if self.loss_config.kl_normalization == "sequence":
+        return "num_sequences"
+      return "num_kl_positions"
     return count
 
   def target_counts(self, batch: Batch) -> dict[str, jax.Array]:
     """The token / sequence counts ``loss_fn`` would report, without the model."""
     targets = batch["decoder_target_tokens"]
     weighted = batch["decoder_loss_weights"] > 0
+    layout = self.layout
+    kl_positions = (layout.is_unit(targets) if self.loss_config.kl_target == "paper"
+                    else layout.is_text(targets) | layout.is_speech(targets))
     return {
         "num_text_tokens": jnp.sum(weighted & self.layout.is_text(targets)),
         "num_speech_tokens": jnp.sum(weighted & self.layout.is_speech(targets)),
         "num_unit_tokens": jnp.sum(weighted & self.layout.is_unit(targets)),
+        "num_kl_positions": jnp.sum(weighted & kl_positions),
         "num_sequences": losses._count_sequences(  # pylint: disable=protected-access
             weighted, batch.get("decoder_segment_ids")),
         "num_target_tokens": jnp.sum(weighted),
@@ -229,3 +277,61 @@ class SpeechTextLM:
           f"{self.config.max_length} learned positions (DecoderConfig.max_length)")
     for name in ("decoder_input_tokens", "decoder_target_tokens"):
       losses.check_target_ids(batch[name], self.layout, f"{where}: {name}")
+
+  # -- prediction and scoring of batches (t5x BaseModel.predict_batch / score_batch) --
+
+  def predict_batch(self, params: Any, prompt_tokens: jax.Array, prompt_lengths: jax.Array, *,
+                    max_decode_length: int, method: str = "greedy", beam_size: int = 4,
+                    length_penalty: float = 0.0,
+                    constrain_cache: Optional[Callable[[Any, int, int], Any]] = None
+                    ) -> decoding.DecodeResult:
+    """Transcripts of right-padded prompts; needs no reference.
+
+    A prompt is what training fed the model before the transcript
+    (``seqio.DecoderFeatureConverter`` shifts targets right, so inputs start
+    with 0)::
+
+      prompt_tokens  [[0, 18, 15, 14, 0, 0],     prompt_lengths [4, 3]
+                      [0, 16, 14,  0, 0, 0]]     (layout text_size=14: <speech_end>=14)
+
+    The KV cache holds ``min(max_length, P + max_decode_length)`` positions
+    and row ``b`` may emit ``min(max_decode_length, cache - prompt_lengths[b])``
+    tokens, so a row's transcript never depends on the other rows. Jittable;
+    ``constrain_cache(cache, batch, cache_length)`` (e.g. a sharding
+    constraint) is applied to the fresh cache.
+    """
+    batch, width = prompt_tokens.shape
+    cache_length = min(self.config.max_length, width + max_decode_length)
+    cache = decoder_lib.init_cache(self.module, batch, cache_length)
+    if constrain_cache is not None:
+      cache = constrain_cache(cache, batch, cache_length)
+    steps = min(max_decode_length, cache_length - 1)
+    return decoding.decode(
+        *decoding.cached_fns(self.module, params, self.layout), cache, prompt_tokens,
+        prompt_lengths, layout=self.layout, max_decode_length=steps, method=method,
+        beam_size=beam_size, alpha=length_penalty,
+        budgets=jnp.minimum(steps, cache_length - prompt_lengths),
+        cache_batch_axes=decoding.decoder_cache_batch_axes(self.module, batch, cache_length))
+
+  def score_batch(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+    """Teacher-forced scores of a batch of whole sequences (one forward pass).
+
+    Returns:
+      ``sums``: the batch's ``to_sums`` (add over batches, ``from_sums``);
+      ``transcript_logprob`` [B]: log p of each row's text targets
+      (<text_end> included) under the full softmax over the real ids;
+      ``transcript_tokens`` [B]: how many there are.
+    """
+    layout = self.layout
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    logits = self.logits(params, batch)
+    _, aux = losses.compute_loss_from_config(
+        logits, targets, weights, batch.get("decoder_segment_ids"), layout, self.loss_config)
+    aux = dict(aux, num_target_tokens=jnp.sum(weights > 0))
+    log_probs = jax.nn.log_softmax(logits[..., :layout.real_size].astype(jnp.float32))
+    safe = jnp.clip(targets, 0, layout.real_size - 1)
+    token_logp = jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    text = (weights > 0) & layout.is_text(targets)
+    return {"sums": self.to_sums(aux),
+            "transcript_logprob": jnp.sum(jnp.where(text, token_logp, 0.0), axis=1),
+            "transcript_tokens": jnp.sum(text, axis=1)}

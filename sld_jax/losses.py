@@ -46,30 +46,58 @@ other ``K - 1`` units, so with ``S = sum_k log p_T(k)`` (no one-hot needed)::
 
   KL(target || p_T) = a log a + (K-1) b log b  -  (a - b) log p_T(y)  -  b S
 
-``kl_target="paper"`` (the paper's formula), at unit targets only::
+``kl_target="paper"`` (the paper's formula): the KL positions are the unit
+targets, and::
 
   a = 1 - eps + eps/K,  b = eps/K                       (q' = smoothed one-hot)
-  kl_speech = T^2 * sum_{unit targets} w * KL / max(N_unit, 1)
 
-``kl_target="reference"`` (what the released PyTorch code computes), at every
-real target position; non-unit targets use unit class 0::
+``kl_target="reference"`` (what the released PyTorch code computes): the KL
+positions are every real target (text and speech); non-unit targets use
+unit class 0, and::
 
   target = softmax(q' / T):  a = 1 / (1 + (K-1) e^{-d}),  b = a e^{-d},
                              d = (1 - eps) / T
-  kl_speech = T^2 * sum_{real targets} w * KL / max(num_sequences, 1)
 
 For K=6000, eps=0.1, T=1 the reference target has a = 4.10e-4, b = 1.67e-4:
 nearly uniform, so it acts as heavy uniform label smoothing on the speech
-slice. ``num_sequences`` is the number of rows with any weight (unpacked) or
-the number of distinct non-zero segment ids with any weight, summed over rows
-(packed): KLDivLoss(reduction="batchmean") divides by the batch size.
+slice.
 
-One term of the released KL is not reproduced: its rows are padded to the
-block size, and the position whose *input* is ``<text_end>`` (whose label is
-padding) still gets ``KL(uniform-ish target || p_T)``, one term per sequence
-(+0.0516 of 6.57 in benchmarks/train_throughput.py's equivalence check).
-Packed streams have no such position (the next sequence starts there), so
-``kl_target="reference"`` equals the released loss without that term.
+``kl_normalization`` says what the summed KL is divided by::
+
+  kl_speech = T^2 * sum_{KL positions} w * KL / D
+  "sequence" (default, as released):  D = max(num_sequences, 1)
+  "token":                            D = max(N_kl, 1)   (N_kl: KL positions)
+
+``num_sequences`` is the number of rows with any weight (unpacked) or the
+number of distinct non-zero segment ids with any weight, summed over rows
+(packed): the released KLDivLoss(reduction="batchmean") divides by the batch
+size, one utterance per row. The released alpha (0.008) was tuned under
+"sequence".
+
+Effective strength. Write the speech part of the loss per speech token as
+``(1 / N_speech) * sum_i (CE_i + lambda * KL_i)``; with ``S`` speech targets
+(units and <speech_end>) and ``P`` KL positions per sequence::
+
+  kl_normalization  lambda (KL weight per speech token, relative to CE)
+  "token"           alpha * S / P            (paper target: ~alpha)
+  "sequence"        alpha * S                (the released normalisation)
+
+With the paper target, ``CE + lambda * KL(q' || p_T)`` at a unit target is
+about ``(1 + lambda)`` times the CE against a label smoothed by
+``eps_eff = lambda * eps / (1 + lambda)`` over the units (exactly so up to a
+constant if p_T were the full softmax; it is renormalised over the units).
+At alpha = 0.008, eps = 0.1 (P = S - 1, the units, for the paper target; the
+reference target's P also counts the text targets: P ~ 36 for S ~ 30 on the
+digits corpus)::
+
+  corpus (speech targets / sequence)     "token" lambda         "sequence" lambda
+  embedded digits smoke (S ~ 30)         0.008 (eps_eff 8e-4)   0.24 (eps_eff 0.02)
+  LibriSpeech, 1024-token rows (S ~ 300-900, not measured here)
+                                         0.008 (eps_eff 8e-4)   2.4-7.2 (eps_eff 0.07-0.09)
+
+so "token" is a near-null change from Multimodal CE, while "sequence" is a
+real regulariser whose strength grows with the utterance length
+(docs/paper-fidelity.md).
 
 All loss math runs in float32 (or float64 if the logits are float64).
 """
@@ -78,7 +106,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gin
 import jax
@@ -89,6 +117,7 @@ from sld_jax.vocab import VocabLayout
 
 METHODS = ("loss_masking", "multimodal_ce", "sld")
 KL_TARGETS = ("paper", "reference")
+KL_NORMALIZATIONS = ("sequence", "token")
 
 
 # ----------------------------------------------------------------------------
@@ -98,12 +127,16 @@ KL_TARGETS = ("paper", "reference")
 
 def _check_hyperparameters(method: str, alpha: float, epsilon: float,
                            temperature: float, kl_target: str,
-                           where: str) -> None:
+                           kl_normalization: str, where: str) -> None:
   if method not in METHODS:
     raise ValueError(f"{where}: unknown method {method!r}; choose one of {METHODS}")
   if kl_target not in KL_TARGETS:
     raise ValueError(
         f"{where}: unknown kl_target {kl_target!r}; choose one of {KL_TARGETS}")
+  if kl_normalization not in KL_NORMALIZATIONS:
+    raise ValueError(
+        f"{where}: unknown kl_normalization {kl_normalization!r}; choose one of "
+        f"{KL_NORMALIZATIONS}")
   for name, value in (("alpha", alpha), ("epsilon", epsilon),
                       ("temperature", temperature)):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
@@ -131,8 +164,12 @@ class LossConfig:
     alpha: weight of the KL term (SLD only).
     epsilon: label smoothing of q' over the K units.
     temperature: distillation temperature T (the KL is multiplied by T^2).
-    kl_target: "paper" (KL(q' || p_T) per unit token) or "reference" (the
-      released code: softmax(q'/T) target, all positions, per sequence).
+    kl_target: "paper" (KL(q' || p_T) at unit targets) or "reference" (the
+      released code: softmax(q'/T) target at every real target).
+    kl_normalization: "sequence" (the summed KL divided by the number of
+      sequences, as released; the default for both targets) or "token"
+      (divided by the number of KL positions). See the module docstring for
+      the effective per-token strength of each.
   """
 
   method: str = "sld"
@@ -140,10 +177,16 @@ class LossConfig:
   epsilon: float = 0.1
   temperature: float = 1.0
   kl_target: str = "paper"
+  kl_normalization: str = "sequence"
 
   def __post_init__(self):
     _check_hyperparameters(self.method, self.alpha, self.epsilon,
-                           self.temperature, self.kl_target, "LossConfig")
+                           self.temperature, self.kl_target,
+                           self.kl_normalization, "LossConfig")
+
+  def knobs(self) -> dict[str, Any]:
+    """The keyword arguments of ``compute_loss`` this config sets."""
+    return dataclasses.asdict(self)
 
 
 def check_target_ids(targets, layout: VocabLayout, name: str = "targets") -> None:
@@ -246,13 +289,14 @@ def _masked_mean(values, weights, mask, count):
 def compute_loss(logits, targets, weights, segment_ids=None, *,
                  layout: VocabLayout, method: str = "sld", alpha: float = 0.008,
                  epsilon: float = 0.1, temperature: float = 1.0,
-                 kl_target: str = "paper") -> tuple[jax.Array, dict[str, Any]]:
+                 kl_target: str = "paper", kl_normalization: str = "sequence"
+                 ) -> tuple[jax.Array, dict[str, Any]]:
   """Loss of one batch for the chosen objective; pure and jit-able.
 
   Hyper-parameters and ``layout`` are static (Python values): jit with
   ``static_argnames=("layout", "method", "alpha", "epsilon", "temperature",
-  "kl_target")`` or close over them. See the module docstring for the masks
-  and the formulas.
+  "kl_target", "kl_normalization")`` or close over them. See the module
+  docstring for the masks and the formulas.
 
   Args:
     logits: [B, L, V] next-token logits, V == layout.size; any float dtype.
@@ -267,33 +311,75 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
     epsilon: label smoothing of the KL target, in [0, 1].
     temperature: T > 0; the KL is multiplied by T^2.
     kl_target: "paper" or "reference".
+    kl_normalization: "sequence" or "token" (what the summed KL is divided by).
 
   Returns:
     (loss, aux): scalar float32 loss and a dict of scalars: ``loss``,
     ``ce_text``, ``ce_speech``, ``kl_speech`` (0 unless method == "sld"),
     ``num_text_tokens``, ``num_speech_tokens``, ``num_unit_tokens``,
-    ``num_sequences`` (int32 counts), ``accuracy_text``, ``accuracy_speech``
+    ``num_kl_positions`` (unit targets for "paper", all real targets for
+    "reference"), ``num_sequences`` (int32 counts), ``accuracy_text``, ``accuracy_speech``
     (argmax over the real vocabulary).
   """
   _check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
-                         "compute_loss")
+                         kl_normalization, "compute_loss")
   _check_shapes(logits, targets, weights, segment_ids, layout)
 
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  offset, num_units = layout.speech_offset, layout.speech_size
   # Static slice to the real vocabulary: rounding ids leave every softmax.
   real_logits = logits[..., :layout.real_size].astype(dtype)
+  terms = token_terms(real_logits, targets, layout, temperature, with_kl=method == "sld")
+  return _objective(terms, targets, weights, segment_ids, layout=layout, method=method,
+                    alpha=alpha, epsilon=epsilon, temperature=temperature,
+                    kl_target=kl_target, kl_normalization=kl_normalization)
+
+
+def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 1.0,
+                with_kl: bool = True) -> dict[str, jax.Array]:
+  """The per-token quantities every objective is made of, ``[B, L]`` each.
+
+  ``real_logits [B, L, layout.real_size]`` (rounding ids already sliced off)::
+
+    nll          -log p(y) under the softmax over the real vocabulary
+    correct      argmax over the real vocabulary == y (no gradient)
+    log_p_class  log p_T(class) over the K units: class = y at unit
+                 targets, unit 0 elsewhere (with_kl only)
+    sum_log_p    sum_k log p_T(k) over the K units (with_kl only)
+
+  Nothing here reads the weights, so the terms of a row can be computed in
+  chunks of positions (``compute_loss_chunked``) and joined.
+  """
+  dtype = jnp.promote_types(real_logits.dtype, jnp.float32)
+  real_logits = real_logits.astype(dtype)
+  offset, num_units = layout.speech_offset, layout.speech_size
   unit_logits = real_logits[..., offset:]                          # [B, L, K]
   # One pass over the vocabulary, split so the unit part can serve the KL.
   lse_units = jax.nn.logsumexp(unit_logits, axis=-1)              # [B, L]
   lse = jnp.logaddexp(jax.nn.logsumexp(real_logits[..., :offset], axis=-1),
                       lse_units)
-
   safe_targets = jnp.clip(targets, 0, layout.real_size - 1).astype(jnp.int32)
   target_logit = jnp.take_along_axis(
       real_logits, safe_targets[..., None], axis=-1)[..., 0]      # [B, L]
-  nll = lse - target_logit
+  terms = {
+      "nll": lse - target_logit,
+      "correct": jax.lax.stop_gradient(jnp.argmax(real_logits, axis=-1) == targets),
+  }
+  if with_kl:
+    t = float(temperature)
+    scaled_lse = lse_units if t == 1.0 else jax.nn.logsumexp(unit_logits / t, axis=-1)
+    terms["sum_log_p"] = jnp.sum(unit_logits, axis=-1) / t - num_units * scaled_lse
+    # Unit targets read their own logit; others use unit class 0 (reference).
+    class_logit = jnp.where(layout.is_unit(targets), target_logit, real_logits[..., offset])
+    terms["log_p_class"] = class_logit / t - scaled_lse
+  return terms
 
+
+def _objective(terms, targets, weights, segment_ids, *, layout: VocabLayout, method: str,
+               alpha: float, epsilon: float, temperature: float, kl_target: str,
+               kl_normalization: str):
+  """``compute_loss``'s result from ``token_terms`` (masks, counts, means)."""
+  dtype = terms["nll"].dtype
+  num_units = layout.speech_size
   weights = weights.astype(dtype)
   has_weight = weights > 0
   text_mask = has_weight & layout.is_text(targets)
@@ -303,24 +389,20 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
   num_speech = jnp.sum(speech_mask)
   num_units_tokens = jnp.sum(unit_mask)
   num_sequences = _count_sequences(has_weight, segment_ids)
+  kl_mask = unit_mask if kl_target == "paper" else text_mask | speech_mask
+  num_kl_positions = jnp.sum(kl_mask)
 
-  ce_text = _masked_mean(nll, weights, text_mask, num_text)
-  ce_speech = _masked_mean(nll, weights, speech_mask, num_speech)
+  ce_text = _masked_mean(terms["nll"], weights, text_mask, num_text)
+  ce_speech = _masked_mean(terms["nll"], weights, speech_mask, num_speech)
 
   if method == "sld":
     t = float(temperature)
-    scaled_lse = lse_units if t == 1.0 else jax.nn.logsumexp(unit_logits / t, axis=-1)
-    sum_log_p = jnp.sum(unit_logits, axis=-1) / t - num_units * scaled_lse
-    # Unit targets read their own logit; others use unit class 0 (reference).
-    class_logit = jnp.where(unit_mask, target_logit, real_logits[..., offset])
-    log_p_class = class_logit / t - scaled_lse
     if kl_target == "paper":
       p_true, p_other = paper_target_probs(num_units, epsilon)
-      kl_mask, denominator = unit_mask, num_units_tokens
     else:
       p_true, p_other = reference_target_probs(num_units, epsilon, t)
-      kl_mask, denominator = text_mask | speech_mask, num_sequences
-    kl = _two_valued_kl(log_p_class, sum_log_p, num_units, p_true, p_other)
+    denominator = num_sequences if kl_normalization == "sequence" else num_kl_positions
+    kl = _two_valued_kl(terms["log_p_class"], terms["sum_log_p"], num_units, p_true, p_other)
     kl_speech = t * t * _masked_mean(kl, weights, kl_mask, denominator)
   else:
     kl_speech = jnp.zeros((), dtype)
@@ -332,8 +414,7 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
   else:
     loss = ce_text + ce_speech + alpha * kl_speech
 
-  correct = jax.lax.stop_gradient(
-      jnp.argmax(real_logits, axis=-1) == targets).astype(dtype)
+  correct = terms["correct"].astype(dtype)
   aux = {
       "loss": loss,
       "ce_text": ce_text,
@@ -342,11 +423,69 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
       "num_text_tokens": num_text,
       "num_speech_tokens": num_speech,
       "num_unit_tokens": num_units_tokens,
+      "num_kl_positions": num_kl_positions,
       "num_sequences": num_sequences,
       "accuracy_text": _masked_mean(correct, 1.0, text_mask, num_text),
       "accuracy_speech": _masked_mean(correct, 1.0, speech_mask, num_speech),
   }
   return loss, aux
+
+
+def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targets, weights,
+                         segment_ids=None, *, layout: VocabLayout, chunk_size: int,
+                         method: str = "sld", alpha: float = 0.008, epsilon: float = 0.1,
+                         temperature: float = 1.0, kl_target: str = "paper",
+                         kl_normalization: str = "sequence"
+                         ) -> tuple[jax.Array, dict[str, Any]]:
+  """``compute_loss`` from the last hidden states, never holding ``[B, L, V]`` logits.
+
+  The positions of every row are cut into chunks of ``chunk_size``; each
+  chunk is projected (``project(h [B, C, E]) -> float32 [B, C, real_size]``),
+  reduced to its ``token_terms`` and dropped. The chunk function is
+  rematerialised (``jax.checkpoint``), so the backward pass recomputes one
+  chunk's logits at a time too: peak logits memory is ``B x C x V`` instead
+  of ``B x L x V``, at the cost of a second projection in the backward pass.
+  Rows are never split across chunks of the batch axis, which keeps a
+  data-sharded batch sharded. Example, ``L = 5``, ``chunk_size = 2``: the
+  positions are padded to 6 and computed as ``[0 1] [2 3] [4 5]``, position
+  5's terms are dropped. Equal to ``compute_loss(project(hidden), ...)`` up
+  to float rounding (tests/test_chunked_loss.py).
+
+  Args:
+    hidden: ``[B, L, E]`` final-norm outputs of the decoder.
+    project: the output layer restricted to the real vocabulary, e.g.
+      ``decoder.vocab_projection(config, params, layout.real_size)``.
+    chunk_size: positions per chunk, > 0.
+    (the rest as ``compute_loss``).
+  """
+  _check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
+                         kl_normalization, "compute_loss_chunked")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"compute_loss_chunked: chunk_size must be a positive int, got {chunk_size!r}")
+  if hidden.ndim != 3 or tuple(hidden.shape[:2]) != tuple(targets.shape):
+    raise ValueError(
+        f"compute_loss_chunked: hidden must be [B, L, E] matching targets {tuple(targets.shape)}, "
+        f"got {tuple(hidden.shape)}")
+  batch, length = targets.shape
+  chunks = -(-length // chunk_size)
+  pad = chunks * chunk_size - length
+
+  def to_chunks(x):                       # [B, L, ...] -> [chunks, B, C, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((batch, chunks, chunk_size) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1)
+
+  @jax.checkpoint
+  def chunk_terms(hidden_chunk, target_chunk):
+    return token_terms(project(hidden_chunk), target_chunk, layout, temperature,
+                       with_kl=method == "sld")
+
+  terms = jax.lax.map(lambda args: chunk_terms(*args), (to_chunks(hidden), to_chunks(targets)))
+  terms = {name: jnp.swapaxes(value, 0, 1).reshape(batch, -1)[:, :length]
+           for name, value in terms.items()}
+  return _objective(terms, targets, weights, segment_ids, layout=layout, method=method,
+                    alpha=alpha, epsilon=epsilon, temperature=temperature, kl_target=kl_target,
+                    kl_normalization=kl_normalization)
 
 
 def compute_loss_from_config(logits, batch_targets, weights,
@@ -357,7 +496,5 @@ def compute_loss_from_config(logits, batch_targets, weights,
     raise ValueError(
         f"compute_loss_from_config: config must be a LossConfig, got "
         f"{type(config).__name__}")
-  return compute_loss(
-      logits, batch_targets, weights, segment_ids, layout=layout,
-      method=config.method, alpha=config.alpha, epsilon=config.epsilon,
-      temperature=config.temperature, kl_target=config.kl_target)
+  return compute_loss(logits, batch_targets, weights, segment_ids, layout=layout,
+                      **config.knobs())

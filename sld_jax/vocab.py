@@ -7,16 +7,33 @@ Layout for ``VocabLayout(text_size=G, speech_size=K)``::
                          unk_id=2, bos_id=-1 maps onto this directly)
   G                      <speech_end>
   [G + 1, G + 1 + K)     speech unit (or unit piece) u  ->  id G + 1 + u
-  [G + 1 + K, size)      rounding ids: ``size`` is a multiple of 128 so the
-                         embedding/logit matrices shard evenly; never predicted
+  G + 1 + K = real_size  <time_mask>: the input corruption symbol of time
+                         masking (``sld_jax.lm.time_mask``); input-only
+  (real_size, size)      rounding ids: ``size`` is a multiple of 128 so the
+                         embedding/logit matrices shard evenly
+
+Ids from ``real_size`` on (``<time_mask>`` and the rounding ids) are never
+targets and never enter a softmax (losses and decoding slice the logits to
+``[0, real_size)``); they have embedding rows only.
 
 Example, ``VocabLayout(text_size=5, speech_size=3)``::
 
-  id:      0    1           2    3    4    5             6   7   8   9 ... 127
-  meaning: PAD  <text_end>  UNK  t3   t4   <speech_end>  u0  u1  u2  (rounding)
+  id:      0    1           2    3    4    5             6   7   8   9            10 ... 127
+  meaning: PAD  <text_end>  UNK  t3   t4   <speech_end>  u0  u1  u2  <time_mask>  (rounding)
   is_text_target:   F T T T T F F F F F
   is_speech_target: F F F F F T T T T F
   is_unit:          F F F F F F T T T F
+
+Why ``<time_mask>`` sits at ``real_size``: the released code masks inputs
+with GPT-2's ``<|endoftext|>``, a symbol distinct from its ``<text_end>``;
+here id 1 is both EOS/<text_end> and (in GPT-2 mode) ``<|endoftext|>``, so
+masking with it would make the corruption symbol the stop symbol and share
+its tied output vector. The first id past the real vocabulary keeps every
+text, ``<speech_end>`` and unit id where it was (text models, prepared data
+and the meaning of every predicted id are unchanged), stays out of every
+softmax, and gets its own embedding row: a row checkpoints of this layout
+already had (a rounding row) whenever ``real_size`` is not a multiple of 128;
+when it is, ``size`` grows by 128.
 
 This differs from the released SLD code (text [0,G), <text_end>=G,
 <speech_end>=G+1) only by where <text_end> sits; seqio needs id 0 = PAD and
@@ -91,9 +108,14 @@ class VocabLayout:
     return self.text_size + 1 + self.speech_size
 
   @property
+  def mask_id(self) -> int:
+    """<time_mask>: replaces input tokens in time masking; never a target."""
+    return self.real_size
+
+  @property
   def size(self) -> int:
-    """Embedding/logit rows: ``real_size`` rounded up to a multiple of 128."""
-    return _round_up(self.real_size, ROUND_TO)
+    """Embedding/logit rows: ``real_size + 1`` (<time_mask>) rounded up to 128."""
+    return _round_up(self.real_size + 1, ROUND_TO)
 
   # Classification of (target) ids; work on numpy and jax arrays alike.
   def is_text(self, ids):

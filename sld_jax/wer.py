@@ -1,7 +1,9 @@
-"""Word and character error rates, computed the way jiwer 4.0 computes them.
+"""Word and character error rates, computed by jiwer 4.0.
 
-Each reference/hypothesis pair is aligned with a Levenshtein alignment (unit
-costs for substitution, deletion and insertion). Corpus-level rates sum the
+Each reference/hypothesis pair is aligned by jiwer (a Levenshtein alignment,
+unit costs for substitution, deletion and insertion, ties broken as jiwer's
+rapidfuzz opcodes break them), so the S/D/I split, not only the total, is
+jiwer's. Corpus-level rates sum the
 edit counts over all pairs and divide by the total reference length::
 
   WER = (S + D + I) / (H + S + D)        H + S + D = number of reference words
@@ -28,7 +30,11 @@ import dataclasses
 import re
 from typing import Hashable, Mapping, Sequence
 
+import jiwer
+
 _MULTIPLE_WHITESPACE = re.compile(r"\s\s+")
+# Inputs already split into tokens: jiwer's transforms leave them as they are.
+_PRE_TOKENIZED = jiwer.Compose([])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +82,16 @@ def characters(text: str) -> list[str]:
 
 def align_counts(reference: Sequence[Hashable],
                  hypothesis: Sequence[Hashable]) -> ErrorCounts:
-  """Levenshtein alignment counts of two token sequences.
+  """Levenshtein alignment counts of two token sequences, by jiwer itself.
 
-  Among the minimum-cost alignments, the one kept prefers hits, then
-  substitutions, then deletions, then insertions when back-tracing from the
-  end, so the counts are those of a minimum edit script. The error total
-  (S + D + I) is the edit distance whichever minimum alignment is kept.
+  The error total (S + D + I) is the edit distance whichever minimum-cost
+  alignment is kept, but the split between S, D and I depends on how ties
+  are broken, so the alignment is jiwer's own (rapidfuzz's opcodes), not a
+  re-implementation. Tokens may be any hashables; equal tokens are hits.
+
+  Worked tie, reference ["one", "two"], hypothesis ["two", "one"]: two
+  substitutions and "delete one, keep two, insert one" both cost 2; jiwer
+  keeps the second, so H=1, S=0, D=1, I=1.
 
   Args:
     reference: reference tokens.
@@ -90,36 +100,15 @@ def align_counts(reference: Sequence[Hashable],
   Returns:
     The hits, substitutions, deletions and insertions of the alignment.
   """
-  n, m = len(reference), len(hypothesis)
-  # cost[i][j]: edit distance between reference[:i] and hypothesis[:j].
-  cost = [list(range(m + 1))]
-  for i in range(1, n + 1):
-    row = [i] + [0] * m
-    prev = cost[i - 1]
-    ref_token = reference[i - 1]
-    for j in range(1, m + 1):
-      diagonal = prev[j - 1] + (ref_token != hypothesis[j - 1])
-      row[j] = min(diagonal, prev[j] + 1, row[j - 1] + 1)
-    cost.append(row)
-  hits = subs = dels = ins = 0
-  i, j = n, m
-  while i > 0 or j > 0:
-    if i > 0 and j > 0:
-      same = reference[i - 1] == hypothesis[j - 1]
-      if cost[i][j] == cost[i - 1][j - 1] + (not same):
-        if same:
-          hits += 1
-        else:
-          subs += 1
-        i, j = i - 1, j - 1
-        continue
-    if i > 0 and cost[i][j] == cost[i - 1][j] + 1:
-      dels += 1
-      i -= 1
-    else:
-      ins += 1
-      j -= 1
-  return ErrorCounts(hits, subs, dels, ins)
+  # jiwer aligns lists of strings; give every distinct token its own string.
+  names: dict[Hashable, str] = {}
+  ref = [names.setdefault(t, str(len(names))) for t in reference]
+  hyp = [names.setdefault(t, str(len(names))) for t in hypothesis]
+  output = jiwer.process_words([ref], [hyp],
+                               reference_transform=_PRE_TOKENIZED,
+                               hypothesis_transform=_PRE_TOKENIZED)
+  return ErrorCounts(output.hits, output.substitutions, output.deletions,
+                     output.insertions)
 
 
 def word_errors(reference: str, hypothesis: str) -> ErrorCounts:

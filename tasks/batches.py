@@ -16,12 +16,20 @@ apart by segment ids. With layout text_size=14 (<speech_end>=14, unit u ->
 are unpacked (one example per row, no segment ids / positions) and carry the
 passthrough features ``id``, ``speaker``, ``text`` (the reference) and
 ``speech_length`` (the prompt length: units + <speech_end>).
+
+``eval_batches`` is the one reader of evaluation batches (``sld_jax.eval``,
+training's dev evaluators and ``SeqioSource.eval_batches`` all read through
+it): fixed-shape host numpy batches, the last one padded with all-zero rows
+(weight 0: dropped from every metric), and with several processes the same
+number of batches on every process (all-padding batches fill the shorter
+shards), since evaluation steps are collective.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Optional, Union
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -51,7 +59,7 @@ def get_dataset(task_name: str, split: str,
     task_name: a registered task (importing ``tasks`` registers them).
     split: e.g. "train", "dev", "test".
     sequence_length: targets length per row (int or {"targets": n});
-      longer examples are filtered out with a logged count.
+      longer examples keep the first L - 2 - len(text) units (logged count).
     batch_size: rows per batch (per host when sharded).
     pack: pack examples (training) or one per row plus passthrough features
       (evaluation).
@@ -93,3 +101,52 @@ def get_dataset(task_name: str, split: str,
         lambda model, extra: {**model, **extra})
   return model_features.batch(batch_size, drop_remainder=drop_remainder
                               ).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_batches(task_name: str, split: str, *,
+                 sequence_length: Union[int, Mapping[str, int]], batch_size: int,
+                 shard_info: Optional[seqio.ShardInfo] = None,
+                 max_batches: Optional[int] = None,
+                 passthrough: bool = True) -> list[dict[str, np.ndarray]]:
+  """One unshuffled, unpacked pass over this shard of a task split.
+
+  Args:
+    task_name / split / sequence_length: as ``get_dataset``; examples longer
+      than ``sequence_length`` are filtered by the task (a logged count).
+    batch_size: rows per batch on this process.
+    shard_info: this process's shard (default: the whole split).
+    max_batches: stop after this many batches.
+    passthrough: keep ``id``, ``speaker``, ``text``, ``speech_length``
+      (else only the model features).
+
+  Returns:
+    Host batches of ``batch_size`` rows: int32 ``[rows, length]`` features,
+    the last batch padded with all-zero rows.
+
+  Raises:
+    ValueError: this shard has no example of at most ``sequence_length`` tokens.
+  """
+  from sld_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  dataset = get_dataset(task_name, split, sequence_length, batch_size, pack=False,
+                        shuffle=False, seed=None, shard_info=shard_info, num_epochs=1,
+                        drop_remainder=False)
+  batches = []
+  for batch in dataset.as_numpy_iterator():
+    if not passthrough:
+      batch = {k: v for k, v in batch.items() if k in input_pipeline.FEATURES}
+    batch = {k: (np.asarray(v, np.int32) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
+             for k, v in batch.items()}
+    batches.append(input_pipeline.pad_rows(batch, batch_size))
+    if max_batches is not None and len(batches) == max_batches:
+      break
+  index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+  if not batches:
+    raise ValueError(
+        f"task {task_name!r} split {split!r} has no examples of at most {sequence_length} "
+        f"tokens" + (f" for process {index} of {count}; use fewer processes"
+                     if count > 1 else ""))
+  most = len(batches)
+  if count > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    most = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
+  return batches + [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (most - len(batches))

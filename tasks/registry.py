@@ -14,6 +14,8 @@ Task names::
                                       K=128; plus an eval-only "real" split
                                       of real human speech (the demo's task)
   <each of the above>_smoke           the *_smoke corpus (150/30/30)
+  sld_embedded_digits_*_compare       digits_compare: 6000/2000/2000, for the
+                                      objective comparison (sld_jax.comparison)
   sld_librispeech_units               a prepared dir made elsewhere with
                                       scripts/prepare_data.py (the paper's
                                       setup: imported HuBERT/WavLM units)
@@ -93,6 +95,8 @@ def _embedded_tasks() -> dict[str, EmbeddedTask]:
       name = f"sld_embedded_{domain}_{extractor}"
       tasks[name] = EmbeddedTask(f"{domain}_default", options)
       tasks[name + "_smoke"] = EmbeddedTask(f"{domain}_smoke", options)
+      if domain == "digits":
+        tasks[name + "_compare"] = EmbeddedTask("digits_compare", options)
   robust = EmbeddedTask("digits_robust", tasks["sld_embedded_digits_whisper"]
                         .options, splits=("train", "dev", "test", "real"))
   tasks["sld_embedded_digits_robust_whisper"] = robust
@@ -138,7 +142,7 @@ def gpt2_tokenizer_dir(path: Optional[str] = None) -> str:
     raise ValueError(
         "no GPT-2 tokenizer directory for the GPT-2 text vocabulary: set "
         f"gpt2_tokenizer_dir.path (gin, e.g. --gin.INIT_FROM=\\\"/path/to/gpt2\\\" in "
-        f"the *_gpt2init experiments) or the environment variable {GPT2_DIR_ENV}")
+        f"the librispeech_* experiments) or the environment variable {GPT2_DIR_ENV}")
   return os.path.expanduser(path)
 
 
@@ -218,7 +222,7 @@ def register_task(task_name: str, splits, *,
       task_name,
       source=seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=splits),
       preprocessors=[preprocessors.units_and_text_to_targets,
-                     preprocessors.filter_over_length],
+                     preprocessors.truncate_speech_to_fit],
       output_features={"targets": seqio.Feature(
           vocabulary=vocabulary, add_eos=False, dtype=tf.int32)},
       metric_fns=[wer.wer_metric],

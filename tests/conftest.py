@@ -1,19 +1,62 @@
 """Test-wide setup, before jax loads.
 
-- 8 fake CPU devices for the sharding tests.
+- 8 fake CPU devices for the sharding tests, appended to any XLA_FLAGS the
+  user already has (a device count of their own is replaced: the multi-device
+  tests need exactly 8 and fail, never skip, without them).
 - Cheaper XLA CPU compilation: the suite compiles many tiny programs, and
   backend optimisation buys them nothing (numerics are unchanged).
-- One data dir for the whole run, so the smoke corpus is built once (its
-  preparation holds a file lock, so parallel workers wait for each other).
+- One data dir per version of the code that builds the test corpora, so the
+  smoke corpus is built once per code version (its preparation holds a file
+  lock, so parallel workers wait for each other) and a change to the TTS,
+  features, k-means or task code reaches every test that reads it.
 """
 
+import hashlib
 import os
+import pathlib
+import re
 import tempfile
 
-os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true")
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
+                  "--xla_backend_optimization_level=0",
+                  "--xla_llvm_disable_expensive_passes=true")
+# What a prepared test corpus depends on: the speech pipeline (TTS, audio,
+# features, k-means, units, prepare), the task registry that names each
+# corpus's PrepareOptions, the vocab code the prepared text model feeds, the
+# task gin files, and the pinned versions (espeak/Whisper/TF behaviour).
+CORPUS_CODE = ("sld_jax/speech", "tasks", "sld_jax/vocab.py",
+               "sld_jax/seqio_vocab.py", "gin_configs/tasks", "requirements.txt")
+
+
+def with_test_xla_flags(user_flags: str) -> str:
+  """The user's XLA flags, less any device count of theirs, plus the suite's.
+
+  "--xla_dump_to=/d --xla_force_host_platform_device_count=2" becomes
+  "--xla_dump_to=/d --xla_force_host_platform_device_count=8
+  --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true".
+  """
+  kept = re.sub(r"--xla_force_host_platform_device_count=\S*", "", user_flags)
+  return " ".join(kept.split() + list(TEST_XLA_FLAGS))
+
+
+def corpus_code_hash(root: pathlib.Path = REPO_ROOT,
+                     paths=CORPUS_CODE) -> str:
+  """Hash of the files (by relative path and content) that build the corpora."""
+  digest = hashlib.sha256()
+  for name in paths:
+    path = root / name
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+      if "__pycache__" in file.parts or file.suffix == ".pyc":
+        continue
+      digest.update(str(file.relative_to(root)).encode() + b"\0")
+      digest.update(file.read_bytes() + b"\0")
+  return digest.hexdigest()[:16]
+
+
+os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("SLD_DATA_DIR", os.path.join(tempfile.gettempdir(), "sld_jax_test_data"))
+os.environ.setdefault("SLD_DATA_DIR", os.path.join(
+    tempfile.gettempdir(), "sld_jax_test_data", corpus_code_hash()))

@@ -290,3 +290,45 @@ def test_out_of_range_token_poisons_its_row_instead_of_being_clamped():
   tokens[1, 6] = 128
   logits = _forward(TINY, params, tokens)
   assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))
+
+
+def _dot_input_dtypes(closed_jaxpr) -> list[tuple[str, ...]]:
+  """Input dtypes of every dot_general in a jaxpr, sub-jaxprs (jit, scan,
+  remat, custom_vjp) included."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # ClosedJaxpr
+            visit(sub.jaxpr)
+          elif hasattr(sub, "eqns"):  # Jaxpr
+            visit(sub)
+
+  visit(closed_jaxpr.jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_like"])
+def test_bfloat16_config_runs_its_matmuls_in_bfloat16(name):
+  """With dtype="bfloat16" every matmul but the float32 logits projection
+  takes bfloat16 inputs: q/k/v/out, the two attention products and the MLP of
+  each layer. Closeness to float32 alone would pass if bf16 were ignored."""
+  config = VARIANTS[name]
+  params = _params(config)
+  tokens = jnp.asarray(TOKENS)
+
+  def dots(cfg):
+    return _dot_input_dtypes(jax.make_jaxpr(
+        lambda p: decoder.Decoder(cfg).apply({"params": p}, tokens))(params))
+
+  bf16 = dots(config.replace(dtype="bfloat16"))
+  in_bf16 = [d for d in bf16 if d == ("bfloat16", "bfloat16")]
+  other = [d for d in bf16 if d != ("bfloat16", "bfloat16")]
+  mlp_matmuls = 3 if config.mlp == "swiglu" else 2
+  assert len(in_bf16) == config.num_layers * (4 + 2 + mlp_matmuls), bf16
+  assert other == [("float32", "float32")], bf16  # the logits projection
+  assert all(d == ("float32", "float32") for d in dots(config)), "float32 config"

@@ -199,9 +199,26 @@ def test_whisper_units_on_the_tiny_corpus(tiny_source, tmp_path):
   metadata = prepare.prepare(tiny_source, str(tmp_path / "w"), options)
   assert metadata["extractor"] == {"name": "whisper", "dim": 384,
                                    "frame_rate_hz": 50.0}
+  again = prepare.prepare(tiny_source, str(tmp_path / "w2"), options)
+  assert ({s: again["splits"][s]["num_units"] for s in ec.SPLITS}
+          == {s: metadata["splits"][s]["num_units"] for s in ec.SPLITS})
+  for split in ec.SPLITS:
+    records = _records(tmp_path / "w", split)
+    assert [r["id"] for r in records] == [
+        r["id"] for r in _records(tmp_path / "w2", split)]
+    for r, r2 in zip(records, _records(tmp_path / "w2", split)):
+      np.testing.assert_array_equal(r["units"], r2["units"])  # deterministic
   records = _records(tmp_path / "w", "dev")
-  for r in records:  # merged 50 Hz units: well under 50 per second
-    assert 0 < len(r["units"]) < 50 * r["duration"]
+  for r in records:
+    units = r["units"]
+    assert units.min() >= 0 and units.max() < 16, r["id"]
+    assert np.all(units[1:] != units[:-1]), r["id"]  # repeats merged
+    # 50 Hz states with repeats merged: 5-18 units per second on this corpus
+    # (16 clusters); unmerged states would give 50, no speech a handful.
+    assert 3 * r["duration"] < len(units) < 30 * r["duration"], (
+        r["id"], len(units), r["duration"])
+  used = np.unique(np.concatenate([r["units"] for r in records]))
+  assert len(used) >= 12, used  # the dev split uses most of the 16 clusters
 
 
 def _write_units(tmp_path, rows):

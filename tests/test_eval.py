@@ -49,11 +49,11 @@ def test_prompts_references_and_buckets_of_the_docstring_example():
   batch["speech_length"] = np.array([3, 2, 0], np.int32)
   np.testing.assert_array_equal(eval_data.real_rows(batch), [True, True, False])
   lengths = eval_data.prompt_lengths(batch, DOC)
-  np.testing.assert_array_equal(lengths, [3, 2, 1])
-  np.testing.assert_array_equal(eval_data.make_prompts(batch, lengths, 4, DOC),
-                                [[18, 15, 14, 0], [16, 14, 0, 0], [14, 0, 0, 0]])
-  assert eval_data.reference_ids(batch["decoder_target_tokens"][0], 3, DOC) == [5, 7]
-  assert eval_data.reference_ids(batch["decoder_target_tokens"][1], 2, DOC) == [9]
+  np.testing.assert_array_equal(lengths, [4, 3, 2])   # 0 u1 .. uN <speech_end>
+  np.testing.assert_array_equal(eval_data.make_prompts(batch, lengths, 5, DOC),
+                                [[0, 18, 15, 14, 0], [0, 16, 14, 0, 0], [0, 14, 0, 0, 0]])
+  assert eval_data.reference_ids(batch["decoder_target_tokens"][0], 4, DOC) == [5, 7]
+  assert eval_data.reference_ids(batch["decoder_target_tokens"][1], 3, DOC) == [9]
   assert [eval_data.prompt_bucket(n, 256) for n in (1, 16, 17, 100, 129)] == [16, 16, 32, 128,
                                                                               256]
   assert eval_data.prompt_bucket(300, 256) == 256
@@ -77,8 +77,8 @@ def test_unpack_rows_gives_one_utterance_per_row():
   batches = eval_data.unpack_rows([packed], rows=2)
   np.testing.assert_array_equal(batches[0]["decoder_target_tokens"],
                                 [[18, 14, 5, 1, 0, 0, 0, 0], [16, 14, 9, 1, 0, 0, 0, 0]])
-  np.testing.assert_array_equal(batches[0]["decoder_input_tokens"][1],
-                                [0, 16, 14, 9, 0, 0, 0, 0])
+  np.testing.assert_array_equal(batches[0]["decoder_input_tokens"][1],   # as seqio shifts
+                                [0, 16, 14, 9, 1, 0, 0, 0])
   np.testing.assert_array_equal(batches[1]["decoder_target_tokens"],
                                 [[17, 17, 14, 1, 0, 0, 0, 0], [0] * 8])
   np.testing.assert_array_equal(eval_data.real_rows(batches[1]), [True, False])

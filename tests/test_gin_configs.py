@@ -166,8 +166,7 @@ def test_experiment_finalizes_and_builds(path):
     method = model.loss_config.method
     expected = {"_sld.gin": ("sld", "reference"), "_sld_paper.gin": ("sld", "paper"),
                 "_loss_masking.gin": ("loss_masking", "paper"),
-                "_multimodal_ce.gin": ("multimodal_ce", "paper"),
-                "_sld_gpt2init.gin": ("sld", "reference")}
+                "_multimodal_ce.gin": ("multimodal_ce", "paper")}
     suffix = next(s for s in expected if path.endswith(s))
     assert (method, model.loss_config.kl_target) == expected[suffix]
     if method == "sld":
@@ -176,10 +175,82 @@ def test_experiment_finalizes_and_builds(path):
     units = "WAVLM" if "wavlm" in path else "HUBERT"
     import tasks.registry  # pylint: disable=g-import-not-at-top
     assert tasks.registry.librispeech_prepared_dir() == f"/tmp/unused_{units.lower()}"
-    if path.endswith("_gpt2init.gin"):  # the pretrained model's own text tokens
+    assert model.loss_config.kl_normalization == "sequence"
+    assert gin.query_parameter("hf_gpt2.init_params_from.new_row_init") == "normal"
+    if paper:  # initialised from pretrained GPT-2 with its own text tokens
       assert source.task_name == tasks.registry.LIBRISPEECH_GPT2_TASK
       assert tasks.registry.gpt2_tokenizer_dir() == "/tmp/unused_gpt2"
       assert gin.query_parameter("%INIT_FROM") == "/tmp/unused_gpt2"
+
+
+# Initial loss. At initialisation the logits are nearly flat: the final
+# LayerNorm gives unit-variance features and the tied embeddings have std
+# 0.02, so logits have std sigma ~ 0.02 * sqrt(E) (0.32 at E=256, 0.64 at
+# E=1024) and a token's expected cross-entropy is log(V) + sigma^2 / 2 <= 0.2
+# above log(V), V the real vocabulary. Over the ~70 text and ~130 speech
+# tokens of the batch the mean moves by less than 0.2 more; a known run gives
+# |ce - log V| <= 0.18 for every experiment. 0.5 leaves room for other
+# initialisations yet fails a loss that is off by a term, a factor or a
+# vocabulary slice.
+INITIAL_CE_TOLERANCE = 0.5
+_INITIAL_LOGITS_CACHE = {}
+
+
+def _initial_loss(layout: VocabLayout):
+  """Eval-mode loss of the active gin model at init on a synthetic batch.
+
+  The forward pass is shared between experiments whose model is the same
+  (``SpeechTextLM.loss_fn`` is logits, then ``compute_loss_from_config``; the
+  smoke experiment runs ``loss_fn`` itself above).
+  """
+  model = lm.SpeechTextLM(layout)
+  batch = input_pipeline.SyntheticSource(
+      text_size=layout.text_size, speech_size=layout.speech_size,
+      global_batch_size=4, sequence_length=64, max_units=30).global_batch(0)
+  key = (model.config, layout)
+  if key not in _INITIAL_LOGITS_CACHE:
+    params = jax.jit(lambda k: nn.meta.unbox(model.init_params(k)))(jax.random.key(0))
+    _INITIAL_LOGITS_CACHE[key] = jax.jit(model.logits)(params, batch)
+  loss, aux = losses.compute_loss_from_config(
+      _INITIAL_LOGITS_CACHE[key], batch["decoder_target_tokens"],
+      batch["decoder_loss_weights"], batch.get("decoder_segment_ids"), layout,
+      model.loss_config)
+  return model, float(loss), {k: float(v) for k, v in aux.items()}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS)
+def test_experiment_initial_loss_is_near_log_vocab(path):
+  """Every experiment's objective at init: each cross-entropy term is log(V)
+  within INITIAL_CE_TOLERANCE, the loss sums the terms its method names, and
+  the SLD KL against the paper's target is that of a uniform prediction.
+  The paper-size models keep their width and vocabulary but run 2 layers
+  (depth barely moves the initial logits; 24 layers would cost minutes)."""
+  paper = "librispeech" in path
+  layout = PAPER_LAYOUT if paper else SMALL_LAYOUT
+  shrink = ("decoder_config.num_layers=2",) if paper else ()
+  gin_utils.parse_gin_config([path], REQUIRED + shrink)
+  model, loss, aux = _initial_loss(layout)
+  log_v = np.log(layout.real_size)
+  assert np.isfinite(loss) and aux["num_text_tokens"] > 0 and aux["num_speech_tokens"] > 0
+  assert abs(aux["ce_text"] - log_v) < INITIAL_CE_TOLERANCE, (aux, log_v)
+  assert abs(aux["ce_speech"] - log_v) < INITIAL_CE_TOLERANCE, (aux, log_v)
+  config = model.loss_config
+  terms = {"loss_masking": 1, "multimodal_ce": 2, "sld": 2}[config.method]
+  assert abs(loss - terms * log_v) < terms * INITIAL_CE_TOLERANCE + (
+      config.alpha * aux["kl_speech"] if config.method == "sld" else 0.0), (loss, aux)
+  if config.method != "sld":
+    assert aux["kl_speech"] == 0.0
+    return
+  assert aux["kl_speech"] > 0
+  np.testing.assert_allclose(
+      loss, aux["ce_text"] + aux["ce_speech"] + config.alpha * aux["kl_speech"], rtol=1e-5)
+  if config.kl_target == "paper":
+    # KL(q' || uniform over K) = log K + sum q' log q', q' = (1 - eps) onehot + eps / K.
+    k, eps = layout.speech_size, config.epsilon
+    q = np.full(k, eps / k)
+    q[0] += 1 - eps
+    expected = np.log(k) + np.sum(q * np.log(q))
+    assert abs(aux["kl_speech"] - expected) < INITIAL_CE_TOLERANCE, (aux, expected)
 
 
 def test_gpt2_small_model_file_builds():
@@ -193,7 +264,7 @@ def test_gpt2_small_model_file_builds():
     ("gin_configs/experiments/smoke.gin", "MODEL_DIR"),
     ("gin_configs/experiments/librispeech_wavlm_sld.gin", "WAVLM_UNITS_DIR"),
     ("gin_configs/experiments/librispeech_hubert_loss_masking.gin", "TRAIN_STEPS"),
-    ("gin_configs/experiments/librispeech_wavlm_sld_gpt2init.gin", "INIT_FROM"),
+    ("gin_configs/experiments/librispeech_hubert_multimodal_ce.gin", "INIT_FROM"),
 ])
 def test_a_missing_required_macro_fails_loudly(path, macro):
   bindings = [b for b in REQUIRED if not b.startswith(macro + "=")]

@@ -21,8 +21,9 @@ from sld_jax import losses
 from sld_jax.vocab import VocabLayout
 
 LAYOUT = VocabLayout(text_size=7, speech_size=11)       # real 19, size 128
-FULL_LAYOUT = VocabLayout(text_size=28, speech_size=100)  # real == size == 128
-STATIC = ("layout", "method", "alpha", "epsilon", "temperature", "kl_target")
+FULL_LAYOUT = VocabLayout(text_size=28, speech_size=100)  # real 128, <time_mask> 128
+STATIC = ("layout", "method", "alpha", "epsilon", "temperature", "kl_target",
+          "kl_normalization")
 
 
 # ----------------------------------------------------------------------------
@@ -86,13 +87,13 @@ def naive_num_sequences(weights, segment_ids):
 
 
 def naive_loss(logits, targets, weights, segment_ids, layout, method, alpha=0.008,
-               epsilon=0.1, temperature=1.0, kl_target="paper"):
+               epsilon=0.1, temperature=1.0, kl_target="paper", kl_normalization="sequence"):
   """Position-by-position float64 loss with explicit target vectors."""
   g, k, off, real = (layout.text_size, layout.speech_size, layout.speech_offset,
                      layout.real_size)
   t = temperature
   sums = {"text": 0.0, "speech": 0.0, "kl": 0.0, "acc_text": 0.0, "acc_speech": 0.0}
-  counts = {"text": 0, "speech": 0, "unit": 0}
+  counts = {"text": 0, "speech": 0, "unit": 0, "kl": 0}
   for b in range(targets.shape[0]):
     for i in range(targets.shape[1]):
       y, w = int(targets[b, i]), float(weights[b, i])
@@ -110,6 +111,7 @@ def naive_loss(logits, targets, weights, segment_ids, layout, method, alpha=0.00
         sums["acc_speech"] += correct
         counts["speech"] += 1
       counts["unit"] += int(y >= off)
+      counts["kl"] += int(y >= off) if kl_target == "paper" else int(is_text or is_speech)
       if method != "sld":
         continue
       log_student = np_log_softmax(logits[b, i, off:real] / t)
@@ -132,11 +134,12 @@ def naive_loss(logits, targets, weights, segment_ids, layout, method, alpha=0.00
       "num_text_tokens": counts["text"],
       "num_speech_tokens": counts["speech"],
       "num_unit_tokens": counts["unit"],
+      "num_kl_positions": counts["kl"],
       "num_sequences": num_sequences,
       "kl_speech": 0.0,
   }
   if method == "sld":
-    denominator = counts["unit"] if kl_target == "paper" else num_sequences
+    denominator = num_sequences if kl_normalization == "sequence" else counts["kl"]
     out["kl_speech"] = sums["kl"] / max(denominator, 1)
   out["loss"] = {
       "loss_masking": out["ce_text"],
@@ -147,7 +150,7 @@ def naive_loss(logits, targets, weights, segment_ids, layout, method, alpha=0.00
 
 
 def naive_jnp_loss(logits, targets, weights, num_sequences, layout, method,
-                   alpha, epsilon, temperature, kl_target):
+                   alpha, epsilon, temperature, kl_target, kl_normalization="sequence"):
   """Differentiable peer that materialises every one-hot and target tensor."""
   g, k, off, real = (layout.text_size, layout.speech_size, layout.speech_offset,
                      layout.real_size)
@@ -172,11 +175,13 @@ def naive_jnp_loss(logits, targets, weights, num_sequences, layout, method,
   q = (1 - epsilon) * jax.nn.one_hot(unit_class, k, dtype=logits.dtype) + epsilon / k
   if kl_target == "paper":
     kl = jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_student, axis=-1)
-    kl_speech = t * t * mean(kl, unit, int(np.sum(unit)))
+    positions = unit
   else:
     r = jax.nn.softmax(q / t, axis=-1)
     kl = jnp.sum(r * jnp.log(r) - r * log_student, axis=-1)
-    kl_speech = t * t * mean(kl, text | speech, num_sequences)
+    positions = text | speech
+  denominator = num_sequences if kl_normalization == "sequence" else int(np.sum(positions))
+  kl_speech = t * t * mean(kl, positions, denominator)
   return ce_text + ce_speech + alpha * kl_speech
 
 
@@ -245,26 +250,29 @@ def assert_aux_close(aux, expected, rtol=1e-5, atol=1e-6):
 # ----------------------------------------------------------------------------
 
 CASES = [
-    ("loss_masking", "paper", 0.1, 1.0),
-    ("multimodal_ce", "paper", 0.1, 1.0),
-    ("sld", "paper", 0.1, 1.0),
-    ("sld", "reference", 0.1, 1.0),
-    ("sld", "paper", 0.25, 2.5),
-    ("sld", "reference", 0.25, 2.5),
-    ("sld", "paper", 0.0, 0.5),
-    ("sld", "reference", 1.0, 1.0),
+    ("loss_masking", "paper", 0.1, 1.0, "sequence"),
+    ("multimodal_ce", "paper", 0.1, 1.0, "sequence"),
+    ("sld", "paper", 0.1, 1.0, "sequence"),
+    ("sld", "paper", 0.1, 1.0, "token"),
+    ("sld", "reference", 0.1, 1.0, "sequence"),
+    ("sld", "reference", 0.1, 1.0, "token"),
+    ("sld", "paper", 0.25, 2.5, "token"),
+    ("sld", "reference", 0.25, 2.5, "sequence"),
+    ("sld", "paper", 0.0, 0.5, "sequence"),
+    ("sld", "reference", 1.0, 1.0, "token"),
 ]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
-@pytest.mark.parametrize("method,kl_target,epsilon,temperature", CASES)
-def test_matches_naive_numpy(method, kl_target, epsilon, temperature, packed):
+@pytest.mark.parametrize("method,kl_target,epsilon,temperature,kl_normalization", CASES)
+def test_matches_naive_numpy(method, kl_target, epsilon, temperature, kl_normalization,
+                             packed):
   rng = np.random.default_rng(zlib.crc32(repr((method, kl_target, epsilon, packed)).encode()))
   targets, weights, segment_ids = make_batch(rng, LAYOUT, packed=packed,
                                              empty_last_row=not packed)
   logits = make_logits(rng, LAYOUT)
-  kwargs = dict(method=method, alpha=0.7, epsilon=epsilon,
-                temperature=temperature, kl_target=kl_target)
+  kwargs = dict(method=method, alpha=0.7, epsilon=epsilon, temperature=temperature,
+                kl_target=kl_target, kl_normalization=kl_normalization)
   loss, aux = run_loss(logits, targets, weights, segment_ids, LAYOUT, **kwargs)
   expected = naive_loss(logits, targets, weights, segment_ids, LAYOUT, **kwargs)
   assert loss.dtype == jnp.float32
@@ -274,15 +282,16 @@ def test_matches_naive_numpy(method, kl_target, epsilon, temperature, packed):
     assert expected["kl_speech"] > 0  # the KL term is really exercised
 
 
+@pytest.mark.parametrize("kl_normalization", ["sequence", "token"])
 @pytest.mark.parametrize("kl_target", ["paper", "reference"])
-def test_fractional_weights_and_full_vocab(kl_target):
-  """Weights scale each token's term; V == real_size (no rounding ids)."""
+def test_fractional_weights_and_full_vocab(kl_target, kl_normalization):
+  """Weights scale each token's term; real_size a multiple of 128 (only <time_mask> after)."""
   rng = np.random.default_rng(7)
   targets, weights, segment_ids = make_batch(rng, FULL_LAYOUT, packed=True)
   weights = weights * rng.uniform(0.5, 2.0, weights.shape).astype(np.float32)
   logits = make_logits(rng, FULL_LAYOUT)
   kwargs = dict(method="sld", alpha=0.3, epsilon=0.2, temperature=1.5,
-                kl_target=kl_target)
+                kl_target=kl_target, kl_normalization=kl_normalization)
   _, aux = run_loss(logits, targets, weights, segment_ids, FULL_LAYOUT, **kwargs)
   expected = naive_loss(logits, targets, weights, segment_ids, FULL_LAYOUT, **kwargs)
   assert_aux_close(aux, expected)
@@ -304,6 +313,54 @@ def test_reference_matches_released_code(alpha, epsilon, temperature):
                        kl_target="reference")
   assert_aux_close(aux, expected, rtol=1e-5, atol=0)
   np.testing.assert_allclose(float(loss), expected["loss"], rtol=1e-5)
+  # The default normalisation is the released one.
+  default_loss, _ = run_loss(logits, targets, weights, None, LAYOUT, method="sld",
+                             alpha=alpha, epsilon=epsilon, temperature=temperature,
+                             kl_target="reference", kl_normalization="sequence")
+  assert float(default_loss) == float(loss)
+
+
+@pytest.mark.parametrize("kl_normalization", ["sequence", "token"])
+def test_both_normalisations_against_the_released_kl_sum(kl_normalization):
+  """The released KL is a sum over positions / batch; "token" divides it by positions.
+
+  Released rows hold one utterance each (unpacked), so its batchmean divisor
+  is the number of rows = our num_sequences.
+  """
+  rng = np.random.default_rng(31)
+  targets, weights, _ = make_batch(rng, LAYOUT, batch=5, drop_prob=0.0)
+  logits = make_logits(rng, LAYOUT, batch=5)
+  released_logits, labels, released_g = to_released_layout(
+      rng, logits, targets, weights, LAYOUT)
+  released = released_sld_loss(released_logits, labels, released_g, 0.3, 0.1, 1.5)
+  kl_sum = released["kl_speech"] * labels.shape[0]   # undo "batchmean"
+  positions = int(np.sum(labels != -100))
+  expected = kl_sum / (labels.shape[0] if kl_normalization == "sequence" else positions)
+  loss, aux = run_loss(logits, targets, weights, None, LAYOUT, method="sld", alpha=0.3,
+                       epsilon=0.1, temperature=1.5, kl_target="reference",
+                       kl_normalization=kl_normalization)
+  assert int(aux["num_kl_positions"]) == positions
+  assert int(aux["num_sequences"]) == labels.shape[0]
+  np.testing.assert_allclose(float(aux["kl_speech"]), expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      float(loss), released["ce_text"] + released["ce_speech"] + 0.3 * expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kl_target", ["paper", "reference"])
+def test_sequence_normalisation_scales_token_by_positions_per_sequence(kl_target):
+  """The docstring table: "sequence" = "token" x (KL positions / sequences)."""
+  rng = np.random.default_rng(37)
+  targets, weights, segment_ids = make_batch(rng, LAYOUT, packed=True, drop_prob=0.0)
+  logits = make_logits(rng, LAYOUT)
+  kwargs = dict(method="sld", kl_target=kl_target)
+  _, per_sequence = run_loss(logits, targets, weights, segment_ids, LAYOUT,
+                             kl_normalization="sequence", **kwargs)
+  _, per_token = run_loss(logits, targets, weights, segment_ids, LAYOUT,
+                          kl_normalization="token", **kwargs)
+  ratio = float(per_token["num_kl_positions"]) / float(per_token["num_sequences"])
+  assert ratio > 2  # the two differ by a real factor
+  np.testing.assert_allclose(float(per_sequence["kl_speech"]),
+                             ratio * float(per_token["kl_speech"]), rtol=1e-5)
 
 
 def test_reference_target_values_in_the_paper_setting():
@@ -325,9 +382,9 @@ def test_paper_scale_vocabulary_matches_naive():
   rng = np.random.default_rng(3)
   targets, weights, _ = make_batch(rng, layout, batch=2, length=12)
   logits = make_logits(rng, layout, batch=2, length=12, scale=1.0)
-  for kl_target in ("paper", "reference"):
+  for kl_target, kl_normalization in (("paper", "token"), ("reference", "sequence")):
     kwargs = dict(method="sld", alpha=0.008, epsilon=0.1, temperature=1.0,
-                  kl_target=kl_target)
+                  kl_target=kl_target, kl_normalization=kl_normalization)
     _, aux = run_loss(logits, targets, weights, None, layout, **kwargs)
     expected = naive_loss(logits, targets, weights, None, layout, **kwargs)
     assert_aux_close(aux, {"kl_speech": expected["kl_speech"]}, rtol=2e-5)
@@ -346,6 +403,7 @@ def test_docstring_example_masks_and_counts():
   assert int(aux["num_speech_tokens"]) == 4 + 5
   assert int(aux["num_unit_tokens"]) == 3 + 3
   assert int(aux["num_sequences"]) == 1 + 2
+  assert int(aux["num_kl_positions"]) == 7 + 9   # reference: every real target
   # Uniform logits: every CE is log(real_size) (rounding ids excluded).
   np.testing.assert_allclose(float(aux["ce_text"]), math.log(layout.real_size),
                              rtol=1e-6)
@@ -359,14 +417,17 @@ GRAD_CASES = [("loss_masking", "paper"), ("multimodal_ce", "paper"),
               ("sld", "paper"), ("sld", "reference")]
 
 
-@pytest.mark.parametrize("method,kl_target", GRAD_CASES)
-def test_gradients_match_finite_differences_and_one_hot_peer(method, kl_target):
+@pytest.mark.parametrize("method,kl_target,kl_normalization",
+                         [case + ("sequence",) for case in GRAD_CASES]
+                         + [("sld", "paper", "token"), ("sld", "reference", "token")])
+def test_gradients_match_finite_differences_and_one_hot_peer(method, kl_target,
+                                                             kl_normalization):
   layout = VocabLayout(text_size=4, speech_size=5)
   rng = np.random.default_rng(5)
   targets, weights, segment_ids = make_batch(rng, layout, batch=2, length=24,
                                              packed=True)
   kwargs = dict(method=method, alpha=0.9, epsilon=0.2, temperature=1.7,
-                kl_target=kl_target)
+                kl_target=kl_target, kl_normalization=kl_normalization)
   num_sequences = naive_num_sequences(weights, segment_ids)
   with jax.enable_x64(True):
     logits = jnp.asarray(rng.normal(size=(2, 24, layout.size)), jnp.float64)
@@ -529,14 +590,17 @@ def test_bfloat16_logits_use_float32_math():
 def test_loss_config_defaults_and_gin():
   config = losses.LossConfig()
   assert (config.method, config.alpha, config.epsilon, config.temperature,
-          config.kl_target) == ("sld", 0.008, 0.1, 1.0, "paper")
+          config.kl_target, config.kl_normalization) == ("sld", 0.008, 0.1, 1.0, "paper",
+                                                         "sequence")
   hash(config)  # usable as a static jit argument
   try:
-    gin.parse_config(["LossConfig.alpha = 0.5", "LossConfig.kl_target = 'reference'"])
+    gin.parse_config(["LossConfig.alpha = 0.5", "LossConfig.kl_target = 'reference'",
+                      "LossConfig.kl_normalization = 'token'"])
     configured = losses.LossConfig()
   finally:
     gin.clear_config()
   assert configured.alpha == 0.5 and configured.kl_target == "reference"
+  assert configured.kl_normalization == "token"
   assert isinstance(configured, losses.LossConfig)
 
 
@@ -553,6 +617,7 @@ def _small_batch():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="ctc"), r"unknown method 'ctc'.*loss_masking.*multimodal_ce.*sld"),
     (dict(kl_target="released"), r"unknown kl_target 'released'.*paper.*reference"),
+    (dict(kl_normalization="batch"), r"unknown kl_normalization 'batch'.*sequence.*token"),
     (dict(alpha=-0.1), r"alpha must be >= 0"),
     (dict(epsilon=1.5), r"epsilon must be in \[0, 1\]"),
     (dict(temperature=0.0), r"temperature must be > 0"),

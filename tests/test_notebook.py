@@ -1,4 +1,5 @@
-"""notebooks/quickstart.ipynb runs top to bottom: install check, data, train, plot, score.
+"""notebooks/quickstart.ipynb runs top to bottom: install check, data, train, plot, score,
+transcribe a file.
 
 The notebook is executed with nbclient in a ``python3`` kernel started in
 ``notebooks/`` (as Jupyter starts it), with the smoke experiment shortened:
@@ -135,3 +136,15 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     assert line.split()[0] == p["id"], (line, p)
     assert p["reference"] in line and line.endswith(str(p["word_errors"])), (line, p)
   assert predictions[SHOWN]["id"] not in text
+
+  # Transcription of a file (an unseen voice, written at 22.05 kHz stereo): the run
+  # directory alone gives the same hypothesis as the printed one.
+  heard = re.search(r"^digits_22k_stereo.wav: '(.*)' \(([\d.]+) s, (\d+) speech tokens\)$", text,
+                    re.MULTILINE)
+  assert heard, text[-2000:]
+  assert float(heard.group(2)) > 0.5 and int(heard.group(3)) > 5
+  from sld_jax import transcribe as transcribe_lib  # pylint: disable=g-import-not-at-top
+  score = transcribe_lib.transcribe(
+      model_dir, transcribe_lib.collect_inputs([os.path.join(work_dir, "digits_22k_stereo.wav")]),
+      progress=False)
+  assert score.predictions[0]["hypothesis"] == heard.group(1)

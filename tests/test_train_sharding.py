@@ -132,8 +132,8 @@ def test_time_masking_replaces_only_real_input_tokens():
   assert not np.any(changed & (np.asarray(tokens) == 0))   # PAD / BOS stay
   eligible = np.asarray((tokens > 0) & (tokens != 1)).sum()
   assert abs(changed.sum() / eligible - 0.3) < 0.03
-  np.testing.assert_array_equal(lm.time_mask(tokens, jax.random.key(0), 0.3), masked)
-  assert lm.time_mask(tokens, jax.random.key(0), 0.0) is tokens
+  np.testing.assert_array_equal(lm.time_mask(tokens, jax.random.key(0), 0.3, 1), masked)
+  assert lm.time_mask(tokens, jax.random.key(0), 0.0, 1) is tokens
 
 
 @pytest.mark.parametrize("kl_target", ["paper", "reference"])

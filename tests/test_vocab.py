@@ -10,6 +10,7 @@ def test_worked_example_from_docstring():
   layout = VocabLayout(text_size=5, speech_size=3)
   assert (layout.pad_id, layout.eos_id, layout.speech_end_id, layout.speech_offset) == (0, 1, 5, 6)
   assert layout.real_size == 9 and layout.size == 128
+  assert layout.mask_id == 9   # <time_mask>: input-only, outside every softmax
   ids = np.arange(10)
   np.testing.assert_array_equal(layout.is_text(ids), [0, 1, 1, 1, 1, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(layout.is_speech(ids), [0, 0, 0, 0, 0, 1, 1, 1, 1, 0])
@@ -18,9 +19,27 @@ def test_worked_example_from_docstring():
 
 def test_size_rounds_to_multiple_of_128():
   assert VocabLayout(text_size=1000, speech_size=6000).size == 7040
-  assert VocabLayout(text_size=126, speech_size=1).size == 128
+  assert VocabLayout(text_size=125, speech_size=1).size == 128
+  # real_size 128: <time_mask> needs row 128, so the table grows to 256.
+  assert VocabLayout(text_size=126, speech_size=1).size == 256
   assert VocabLayout(text_size=127, speech_size=1).size == 256
   assert VocabLayout(text_size=100, speech_size=28).size == 256
+
+
+def test_mask_id_is_distinct_input_only_and_keeps_every_other_id():
+  for layout in (VocabLayout(text_size=14, speech_size=128),      # the digits smoke task
+                 VocabLayout(text_size=50259, speech_size=6000),  # GPT-2 BPE + K = 6000
+                 VocabLayout(text_size=126, speech_size=1)):
+    mask = layout.mask_id
+    assert mask not in (layout.pad_id, layout.eos_id, layout.unk_id, layout.speech_end_id)
+    assert layout.real_size <= mask < layout.size
+    assert not (layout.is_text(mask) or layout.is_speech(mask) or layout.is_unit(mask))
+    assert layout.speech_end_id == layout.text_size  # nothing before it moved
+  # GPT-2 mode: the table keeps its 56320 rows; <time_mask> takes a rounding row.
+  assert VocabLayout(text_size=50259, speech_size=6000).mask_id == 56260
+  assert VocabLayout(text_size=50259, speech_size=6000).size == 56320
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    VocabLayout(text_size=5, speech_size=3).check_ids([9], "targets")
 
 
 def test_units_round_trip_and_range_errors():

@@ -199,6 +199,9 @@ DEFAULT_SIZES = (6000, 300, 300)
 ROBUST_SIZES = (5000, 300, 300)
 ROBUST = dict(train_speed_range=(0.6, 1.2), pause_prob=0.5, piper_share=0.15,
               piper_speakers=8, augment_policy=augment.AugmentPolicy())
+# The objective comparison's corpus (sld_jax.comparison): the default train
+# set with dev and test large enough to resolve a 1-point WER difference.
+COMPARE_SIZES = (6000, 2000, 2000)
 CONFIGS = {
     c.name: c for c in (
         _config("digits_smoke", "digits", SMOKE_SIZES),
@@ -207,6 +210,7 @@ CONFIGS = {
                 **ROBUST),
         _config("digits_robust", "digits", ROBUST_SIZES, num_real=200,
                 **ROBUST),
+        _config("digits_compare", "digits", COMPARE_SIZES),
         _config("sentences_smoke", "sentences", SMOKE_SIZES),
         _config("sentences_default", "sentences", DEFAULT_SIZES),
     )

@@ -1,0 +1,285 @@
+"""Plants small, plausible bugs in the core modules and reports which the tests catch.
+
+Each mutation replaces one exact code snippet (it must occur exactly once in
+its file) and runs only the test files that should catch it, in a throw-away
+copy of the checkout (``git ls-files``, so the working tree is never touched).
+A mutation is *caught* when some of those tests fail, *survived* when they all
+pass. A snippet that is no longer in the file (the code changed) is reported as
+``snippet not found`` instead of stopping the run: update or drop that entry.
+
+Not part of CI (it runs the same tests dozens of times). Usage::
+
+  python3 scripts/mutation_test.py                       # every mutation
+  python3 scripts/mutation_test.py --only losses,wer     # names containing these
+  python3 scripts/mutation_test.py --list
+  python3 scripts/mutation_test.py --report docs/mutation_report.md
+
+Exit status: 0 when every found mutation is caught, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  name: str        # "<area>/<what>", e.g. "losses/no_t_squared"
+  path: str        # file, relative to the repository root
+  old: str         # exact snippet, present once
+  new: str         # its replacement
+  tests: tuple[str, ...]  # pytest arguments: files, node ids, "-k expr"
+  bug: str         # what the planted bug means
+
+
+M = Mutation
+LOSSES = ("tests/test_losses.py",)
+DECODER = ("tests/test_decoder.py",)
+DECODING = ("tests/test_decoding.py",)
+WER = ("tests/test_wer.py",)
+RESUME = ("tests/test_resume.py",)
+INPUT = ("tests/test_input_pipeline.py", *RESUME)
+CHECKPOINTS = ("tests/test_checkpointing.py", *RESUME)
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # --- losses ------------------------------------------------------------
+    M("losses/no_t_squared", "sld_jax/losses.py",
+      "kl_speech = t * t * _masked_mean(", "kl_speech = _masked_mean(", LOSSES,
+      "KL not multiplied by T^2"),
+    M("losses/kl_over_speech_end", "sld_jax/losses.py",
+      "kl_mask, denominator = unit_mask, num_units_tokens",
+      "kl_mask, denominator = speech_mask, num_units_tokens", LOSSES,
+      "paper KL also over <speech_end> targets"),
+    M("losses/multimodal_without_speech", "sld_jax/losses.py",
+      "    loss = ce_text + ce_speech\n  else:", "    loss = ce_text\n  else:", LOSSES,
+      "multimodal CE drops the speech term"),
+    M("losses/weights_ignored", "sld_jax/losses.py",
+      "jnp.where(mask, weights * values, 0.0)", "jnp.where(mask, values, 0.0)", LOSSES,
+      "loss weights ignored in the means"),
+    M("losses/padded_vocab_in_softmax", "sld_jax/losses.py",
+      "real_logits = logits[..., :layout.real_size].astype(dtype)",
+      "real_logits = logits.astype(dtype)", LOSSES,
+      "rounding rows of the vocabulary enter the softmax"),
+    M("losses/sequences_ignore_segments", "sld_jax/losses.py",
+      "return jnp.sum((segments != 0) & (segments != previous))",
+      "return jnp.sum(jnp.any(segments != 0, axis=-1))", LOSSES,
+      "packed rows count as one sequence (reference KL denominator)"),
+    M("losses/paper_target_eps", "sld_jax/losses.py",
+      "other = epsilon / num_units\n", "other = epsilon / (num_units - 1)\n", LOSSES,
+      "label smoothing spread over K-1 classes"),
+    M("losses/reference_kl_per_token", "sld_jax/losses.py",
+      "kl_mask, denominator = text_mask | speech_mask, num_sequences",
+      "kl_mask, denominator = text_mask | speech_mask, num_units_tokens", LOSSES,
+      "reference KL averaged per unit token instead of per sequence"),
+    M("losses/kl_other_targets_wrong_class", "sld_jax/losses.py",
+      "class_logit = jnp.where(unit_mask, target_logit, real_logits[..., offset])",
+      "class_logit = jnp.where(unit_mask, target_logit, real_logits[..., offset + 1])",
+      LOSSES, "reference KL of non-unit targets reads unit class 1, not 0"),
+    M("vocab/text_includes_pad", "sld_jax/vocab.py",
+      "return (ids > PAD_ID) & (ids < self.text_size)",
+      "return (ids >= PAD_ID) & (ids < self.text_size)",
+      ("tests/test_vocab.py", *LOSSES), "PAD counted as a text target"),
+    # --- masks -------------------------------------------------------------
+    M("masks/segments_ignored", "sld_jax/model/masks.py",
+      "return mask & segment_mask(segment_ids)", "return mask", DECODER,
+      "packed examples attend across segments"),
+    M("masks/causal_sees_next", "sld_jax/model/masks.py",
+      "(index[:, None] >= index[None, :])", "(index[:, None] + 1 >= index[None, :])",
+      DECODER, "each query also sees the next token"),
+    M("masks/decode_step_excludes_self", "sld_jax/model/masks.py",
+      "(slots[None, :] <= cache_index[:, None])", "(slots[None, :] < cache_index[:, None])",
+      (*DECODER, *DECODING), "a decoded token does not attend to itself"),
+    M("masks/segment_padding_real", "sld_jax/model/masks.py",
+      "real = (segment_ids[:, :, None] > 0) & (segment_ids[:, None, :] > 0)",
+      "real = segment_ids[:, :, None] >= 0", DECODER,
+      "padding (segment 0) attends to padding"),
+    M("masks/prompt_one_longer", "sld_jax/model/masks.py",
+      "return jnp.arange(length)[None, :] < lengths[:, None]",
+      "return jnp.arange(length)[None, :] <= lengths[:, None]",
+      (*DECODER, *DECODING), "prompt mask one position too long"),
+    # --- decoding ----------------------------------------------------------
+    M("decoding/greedy_ignores_text_end", "sld_jax/decoding.py",
+      "done=done | ended | (lengths >= budgets)", "done=done | (lengths >= budgets)",
+      DECODING, "greedy does not stop at <text_end>"),
+    M("decoding/pad_emittable", "sld_jax/decoding.py",
+      "allowed = (ids > layout.pad_id) & (ids < layout.text_size)",
+      "allowed = (ids >= layout.pad_id) & (ids < layout.text_size)", DECODING,
+      "PAD may be emitted"),
+    M("decoding/units_emittable", "sld_jax/decoding.py",
+      "allowed = (ids > layout.pad_id) & (ids < layout.text_size)",
+      "allowed = (ids > layout.pad_id) & (ids <= layout.text_size)", DECODING,
+      "<speech_end> may be emitted as text"),
+    M("decoding/first_logits_off_by_one", "sld_jax/decoding.py",
+      "index = jnp.maximum(lengths - 1, 0)", "index = jnp.maximum(lengths - 2, 0)",
+      DECODING, "first token read one prompt position early"),
+    M("decoding/length_penalty", "sld_jax/decoding.py",
+      "((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha",
+      "((6.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha", DECODING,
+      "GNMT length penalty with 6 instead of 5"),
+    M("decoding/done_rows_keep_emitting", "sld_jax/decoding.py",
+      "token = jnp.where(done, layout.pad_id, token)", "token = token", DECODING,
+      "finished rows keep writing tokens"),
+    # --- wer ---------------------------------------------------------------
+    M("wer/tabs_not_collapsed", "sld_jax/wer.py",
+      '_MULTIPLE_WHITESPACE.sub(" ", text).strip()', "text.strip()", WER,
+      "tab+space separators split into odd tokens"),
+    M("wer/empty_reference_rate", "sld_jax/wer.py",
+      "return float(self.insertions)", "return 0.0", WER,
+      "an all-empty reference corpus gives WER 0"),
+    M("wer/deletions_insertions_swapped", "sld_jax/wer.py",
+      "output.hits, output.substitutions, output.deletions,\n                     "
+      "output.insertions",
+      "output.hits, output.substitutions, output.insertions,\n                     "
+      "output.deletions", WER, "D and I swapped"),
+    M("wer/chars_not_stripped", "sld_jax/wer.py",
+      "return list(text.strip())", "return list(text)", WER,
+      "CER counts leading/trailing spaces"),
+    M("wer/metric_not_percent", "sld_jax/wer.py",
+      '{"wer": 100.0 * wer(targets, predictions),', '{"wer": wer(targets, predictions),',
+      WER, "seqio metric WER as a fraction"),
+    # --- input pipeline resume ------------------------------------------------
+    M("input/seqio_resume_off_by_one", "sld_jax/input_pipeline.py",
+      "num_epochs=None).skip(start_step)", "num_epochs=None).skip(start_step + 1)",
+      ("tests/test_train_smoke.py",), "seqio batches resume one step late"),
+    M("input/synthetic_resume_off_by_one", "sld_jax/input_pipeline.py",
+      "    step = start_step\n    while True:", "    step = start_step + 1\n    while True:",
+      INPUT, "synthetic batches resume one step late"),
+    M("input/position_examples", "sld_jax/input_pipeline.py",
+      '"examples": int(step) * self.global_batch_size',
+      '"examples": (int(step) + 1) * self.global_batch_size', INPUT,
+      "checkpoint data position counts one batch too many"),
+    M("trainer/resume_step_off_by_one", "sld_jax/trainer.py",
+      "start_step = int(jax.device_get(state.step))",
+      "start_step = int(jax.device_get(state.step)) + 1", RESUME,
+      "training resumes one step after the checkpoint"),
+    # --- checkpointing --------------------------------------------------------
+    M("checkpointing/force_ignored", "sld_jax/checkpointing.py",
+      "if not (force or self.is_save_step(step))", "if not self.is_save_step(step)",
+      CHECKPOINTS, "final/preemption checkpoints off the interval are not written"),
+    M("checkpointing/restore_oldest", "sld_jax/checkpointing.py",
+      "      step = self.latest_step()\n", "      step = min(self.all_steps(), default=None)\n",
+      CHECKPOINTS, "restore reads the oldest checkpoint"),
+    M("checkpointing/saves_step_0", "sld_jax/checkpointing.py",
+      "return step > 0 and step % self.save_interval_steps == 0",
+      "return step % self.save_interval_steps == 0", CHECKPOINTS,
+      "a checkpoint of the untrained step 0"),
+    # --- the issue-18 mutations ---------------------------------------------
+    M("model/bf16_ignored", "sld_jax/model/config.py",
+      "    return _DTYPES[self.dtype]\n", '    return _DTYPES["float32"]\n',
+      ("tests/test_decoder.py", "-k", "bfloat16"), "compute_dtype always float32"),
+    M("features/whisper_chunks_restart", "sld_jax/speech/features.py",
+      "self._encode(log_mel[:, i:i + self.MAX_FRAMES])",
+      "self._encode(log_mel[:, 0:min(log_mel.shape[1] - i, self.MAX_FRAMES)])",
+      ("tests/test_speech_features.py",), "every 30 s chunk re-encodes the start"),
+    M("tasks/shuffle_off", "tasks/batches.py",
+      "use_cached=False, shuffle=shuffle,", "use_cached=False, shuffle=False,",
+      ("tests/test_tasks.py",), "get_dataset never shuffles"),
+)
+
+
+def _copy_checkout(destination: str) -> None:
+  files = subprocess.run(
+      ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+      cwd=REPO_ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+  for name in filter(None, files):
+    source = os.path.join(REPO_ROOT, name)
+    if not os.path.isfile(source):
+      continue
+    target = os.path.join(destination, name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copy2(source, target)
+
+
+def run_mutation(mutation: Mutation, checkout: str, timeout: float) -> tuple[str, float, str]:
+  """Plants one mutation in ``checkout``, runs its tests, restores the file.
+
+  Returns:
+    (outcome, seconds, detail): outcome is "caught", "survived", "snippet not
+    found", "snippet not unique", "timeout" or "error (pytest exit N)".
+  """
+  path = os.path.join(checkout, mutation.path)
+  if not os.path.exists(path):
+    return "snippet not found", 0.0, f"{mutation.path} does not exist"
+  with open(path) as f:
+    original = f.read()
+  count = original.count(mutation.old)
+  if count != 1:
+    return ("snippet not found" if count == 0 else "snippet not unique"), 0.0, (
+        f"{count} occurrences in {mutation.path}")
+  with open(path, "w") as f:
+    f.write(original.replace(mutation.old, mutation.new))
+  start = time.time()
+  try:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+         *mutation.tests],
+        cwd=checkout, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return "timeout", time.time() - start, f"over {timeout:.0f} s"
+  finally:
+    with open(path, "w") as f:
+      f.write(original)
+  seconds = time.time() - start
+  lines = [l for l in result.stdout.splitlines() if l.strip()]
+  summary = lines[-1] if lines else ""
+  failed = [l.split(" ")[1] for l in lines if l.startswith("FAILED ")]
+  if result.returncode == 0:
+    return "survived", seconds, summary
+  if result.returncode == 1:
+    return "caught", seconds, (failed[0] if failed else summary)
+  return f"error (pytest exit {result.returncode})", seconds, summary
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", default="",
+                      help="comma-separated substrings of mutation names to run")
+  parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+  parser.add_argument("--timeout", type=float, default=900,
+                      help="seconds per mutation's test run")
+  parser.add_argument("--report", help="also write the markdown table to this file")
+  args = parser.parse_args(argv)
+
+  wanted = [s for s in args.only.split(",") if s]
+  mutations = [m for m in MUTATIONS if not wanted or any(w in m.name for w in wanted)]
+  if args.list:
+    for m in mutations:
+      print(f"{m.name:40s} {m.path:30s} {' '.join(m.tests)}  # {m.bug}")
+    return 0
+
+  rows = []
+  with tempfile.TemporaryDirectory(prefix="sld_mutants_") as checkout:
+    _copy_checkout(checkout)
+    for m in mutations:
+      outcome, seconds, detail = run_mutation(m, checkout, args.timeout)
+      rows.append((m, outcome, seconds, detail))
+      print(f"{outcome:22s} {seconds:6.0f}s  {m.name}  ({detail})", flush=True)
+
+  caught = sum(o == "caught" for _, o, _, _ in rows)
+  found = sum(not o.startswith("snippet") for _, o, _, _ in rows)
+  table = ["| mutation | bug | tests run | outcome | s | first failing test / note |",
+           "|---|---|---|---|---|---|"]
+  for m, outcome, seconds, detail in rows:
+    table.append(f"| `{m.name}` | {m.bug} | {' '.join(m.tests)} | {outcome} | "
+                 f"{seconds:.0f} | {detail.replace('|', '/')} |")
+  table.append(f"\n{caught} of {found} planted mutations caught "
+               f"({len(rows) - found} snippets not found).")
+  text = "\n".join(table)
+  print("\n" + text)
+  if args.report:
+    with open(args.report, "w") as f:
+      f.write(text + "\n")
+  return 0 if caught == found else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -3,8 +3,12 @@
 #   1. install the apt and pip packages (scripts/install.sh);
 #   2. train the demo model (gin_configs/experiments/demo.gin): on first use
 #      this builds the embedded corpus (spoken digit strings from offline TTS
-#      voices) and its Whisper-tiny k-means units under $SLD_DATA_DIR;
-#   3. score the checkpoint on the dev and test splits (held-out voices);
+#      voices, made to sound like real recordings: slower, pauses, telephone
+#      band, noise, the Piper neural voice) and its Whisper-tiny k-means units
+#      under $SLD_DATA_DIR;
+#   3. score the checkpoint on the dev and test splits (held-out synthetic
+#      voices) and the real split (a real person reading digits, from the
+#      Debian asterisk-core-sounds-en packages; never trained on);
 #   4. print the WER table and where everything is.
 # Override the output folder with MODEL_DIR=... and extra gin with GIN_ARGS=...
 set -euo pipefail
@@ -20,7 +24,7 @@ bash scripts/install.sh
 echo "[demo] training ${EXPERIMENT} into ${MODEL_DIR} (the corpus is built on first use)"
 python3 -m sld_jax.train --gin_file="${EXPERIMENT}" --gin.MODEL_DIR="\"${MODEL_DIR}\"" ${GIN_ARGS}
 
-echo "[demo] scoring the dev and test splits (voices never heard in training)"
+echo "[demo] scoring dev and test (voices never heard in training) and real (human speech)"
 python3 -m sld_jax.eval --gin_file="${EXPERIMENT}" \
   --gin.CHECKPOINT_PATH="\"${MODEL_DIR}\"" --gin.EVAL_OUTPUT_DIR="\"${MODEL_DIR}/eval\"" ${GIN_ARGS}
 

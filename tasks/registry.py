@@ -9,6 +9,10 @@ Task names::
   sld_embedded_sentences_whisper      sentences_default, Whisper K=256,
                                       unigram text model (1000 pieces)
   sld_embedded_sentences_logmel       sentences_default, log-mel K=256
+  sld_embedded_digits_robust_whisper  digits_robust (slower voices, pauses,
+                                      Piper, channel augmentation), Whisper
+                                      K=128; plus an eval-only "real" split
+                                      of real human speech (the demo's task)
   <each of the above>_smoke           the *_smoke corpus (150/30/30)
   sld_embedded_digits_*_compare       digits_compare: 6000/2000/2000, for the
                                       objective comparison (sld_jax.comparison)
@@ -20,7 +24,7 @@ Task names::
                                       (``gpt2_tokenizer_dir()``), as the paper
                                       did with GPT-2 medium
 
-Splits: "train", "dev", "test" (embedded); "train", "dev_clean", "dev_other",
+Splits: "train", "dev", "test" (embedded; digits_robust adds "real"); "train", "dev_clean", "dev_other",
 "test_clean", "test_other" (LibriSpeech).
 
 Nothing is built at import time. An embedded task's data source synthesises
@@ -84,6 +88,7 @@ class EmbeddedTask:
 
   corpus: str
   options: prepare_lib.PrepareOptions
+  splits: tuple[str, ...] = ("train", "dev", "test")
 
 
 def _embedded_tasks() -> dict[str, EmbeddedTask]:
@@ -100,6 +105,11 @@ def _embedded_tasks() -> dict[str, EmbeddedTask]:
       tasks[name + "_smoke"] = EmbeddedTask(f"{domain}_smoke", options)
       if domain == "digits":
         tasks[name + "_compare"] = EmbeddedTask("digits_compare", options)
+  robust = EmbeddedTask("digits_robust", tasks["sld_embedded_digits_whisper"]
+                        .options, splits=("train", "dev", "test", "real"))
+  tasks["sld_embedded_digits_robust_whisper"] = robust
+  tasks["sld_embedded_digits_robust_whisper_smoke"] = dataclasses.replace(
+      robust, corpus="digits_robust_smoke")
   return tasks
 
 
@@ -272,8 +282,8 @@ def register_librispeech_tasks() -> None:
 
 
 def register_all() -> None:
-  for task_name in EMBEDDED_TASKS:
-    register_task(task_name, EMBEDDED_SPLITS)
+  for task_name, spec in EMBEDDED_TASKS.items():
+    register_task(task_name, spec.splits)
   register_librispeech_tasks()
 
 

@@ -3,7 +3,10 @@
 ``prepare.prepare`` takes a ``Source``:
 
   EmbeddedSource("digits_default")   the synthetic TFDS corpus (built on first
-                                     use), waveforms at 16 kHz
+                                     use), waveforms at 16 kHz; configs with
+                                     ``num_real`` > 0 add an evaluation-only
+                                     "real" split of real human speech
+                                     (``real_speech``, 8 kHz)
   UtteranceSource({"train": [...], "dev": [...]})
                                      ``readers.Utterance`` records (LibriSpeech,
                                      manifests, imported units or features)
@@ -17,10 +20,15 @@ from __future__ import annotations
 import abc
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import dataclasses
+
 import numpy as np
 
 from sld_jax.speech import embedded_corpus
 from sld_jax.speech import readers
+from sld_jax.speech import real_speech
+
+REAL_SPLIT = "real"
 
 
 class Source(abc.ABC):
@@ -73,12 +81,21 @@ class EmbeddedSource(Source):
     return self._builder
 
   def splits(self):
+    if self.config.num_real:
+      return embedded_corpus.SPLITS + (REAL_SPLIT,)
     return embedded_corpus.SPLITS
 
   def num_utterances(self, split):
+    if split == REAL_SPLIT:
+      return self.config.num_real
     return self.config.split_size(split)
 
   def utterances(self, split):
+    if split == REAL_SPLIT:
+      yield from real_speech.asterisk_digit_utterances(
+          self.config.num_real, seed=self.config.seed,
+          min_digits=self.config.min_words, max_digits=self.config.max_words)
+      return
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     dataset = self.builder.as_dataset(split=split, shuffle_files=False)
     where = f"{self.builder.name}/{self.config.name}/{split}"
@@ -92,9 +109,20 @@ class EmbeddedSource(Source):
   def description(self):
     fields = ("domain", "num_train", "num_dev", "num_test", "seed",
               "min_words", "max_words", "top_words", "speakers_per_voice")
-    return {"type": "embedded", "config": self.config.name,
-            "version": str(embedded_corpus.SldEmbeddedSpeech.VERSION),
-            **{f: getattr(self.config, f) for f in fields}}
+    description = {"type": "embedded", "config": self.config.name,
+                   "version": str(embedded_corpus.SldEmbeddedSpeech.VERSION),
+                   **{f: getattr(self.config, f) for f in fields}}
+    if self.config.robust or self.config.num_real:
+      policy = self.config.augment_policy
+      description.update(
+          train_speed_range=list(self.config.train_speed_range),
+          pause_prob=self.config.pause_prob,
+          piper_share=self.config.piper_share,
+          piper_speakers=self.config.piper_speakers,
+          augment_policy=dataclasses.asdict(policy) if policy else None,
+          real={"count": self.config.num_real,
+                "source": real_speech.ASTERISK_SPEAKER})
+    return description
 
 
 class UtteranceSource(Source):

@@ -34,6 +34,27 @@ Everything (texts, voices, assignment, audio) is a deterministic function of
 the config; ``corpus_plan(config)`` returns the full plan without
 synthesising anything.
 
+Robust configs (``digits_robust*``, the demo's corpus) make the TRAIN split
+sound more like real recordings; dev and test stay as above, so their WER is
+comparable across configs:
+
+* speaking rate: train pseudo-speakers draw their rate from
+  ``train_speed_range`` (0.6-1.2 instead of 0.85-1.2: real people reading
+  digits are slower than the TTS defaults);
+* pauses: with probability ``pause_prob`` the words are spoken as separate
+  phrases ("four, oh, seven" or "four. oh. seven."), which every engine
+  reads with a pause between the words; the transcript is unchanged;
+* a neural voice: ``piper_share`` of the train utterances are spoken by
+  ``piper_speakers`` pseudo-speakers of the Piper voice en_US-joe-medium
+  (rate and pitch drawn from ``train_speed_range`` and ``PIPER_PITCH_RANGE``);
+* the channel: each train utterance gets a seeded ``augment.Augmentation``
+  drawn from ``augment_policy`` (silence around the speech, telephone band
+  with mu-law, white/pink/brown noise at 5-30 dB SNR, gain);
+* ``num_real`` > 0 adds an evaluation-only "real" split of real human speech
+  (``real_speech``: digit strings read by the Asterisk prompt voice), not
+  stored in the TFDS corpus but read from its Debian package when the task is
+  prepared (``corpus_sources.EmbeddedSource``).
+
 Features: id, speaker (the ``Voice.id``), text (lower-case, normalised),
 audio (int16, 16 kHz), duration (seconds).
 """
@@ -55,6 +76,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from sld_jax.speech import augment
 from sld_jax.speech import text_normalize
 from sld_jax.speech import tts
 
@@ -76,6 +98,8 @@ HELD_OUT = {
 }
 SPEED_RANGE = (0.85, 1.2)
 PITCH_RANGE = (0.85, 1.2)
+PIPER_PITCH_RANGE = (0.85, 1.25)
+PAUSE_SEPARATORS = (", ", ". ")
 
 
 def data_root() -> str:
@@ -101,6 +125,15 @@ class EmbeddedCorpusConfig(tfds.core.BuilderConfig):
     top_words: "sentences" only: keep sentences whose words are all among
       the pool's ``top_words`` most frequent words.
     speakers_per_voice: pseudo-speakers (rate/pitch settings) per base voice.
+    train_speed_range: speaking-rate range of the train pseudo-speakers
+      (dev/test always use ``SPEED_RANGE``).
+    pause_prob: train only: probability that an utterance's words are read
+      as separate phrases (a pause between words).
+    piper_share: train only: fraction of utterances spoken by the Piper
+      voice (0: none).
+    piper_speakers: pseudo-speakers of the Piper voice.
+    augment_policy: train only: channel augmentation (None: clean audio).
+    num_real: utterances of the evaluation-only "real" split (0: none).
   """
 
   domain: str = "digits"
@@ -112,6 +145,12 @@ class EmbeddedCorpusConfig(tfds.core.BuilderConfig):
   max_words: int = 7
   top_words: int = 5000
   speakers_per_voice: int = 2
+  train_speed_range: tuple[float, float] = SPEED_RANGE
+  pause_prob: float = 0.0
+  piper_share: float = 0.0
+  piper_speakers: int = 8
+  augment_policy: Optional[augment.AugmentPolicy] = None
+  num_real: int = 0
 
   def __post_init__(self):
     if self.domain not in DOMAINS:
@@ -123,6 +162,23 @@ class EmbeddedCorpusConfig(tfds.core.BuilderConfig):
     for field in ("num_train", "num_dev", "num_test", "speakers_per_voice"):
       if getattr(self, field) < 1:
         raise ValueError(f"EmbeddedCorpusConfig.{field} must be >= 1")
+    for field in ("pause_prob", "piper_share"):
+      if not 0.0 <= getattr(self, field) <= 1.0:
+        raise ValueError(f"EmbeddedCorpusConfig.{field} must be in [0, 1], "
+                         f"got {getattr(self, field)}")
+    lo, hi = self.train_speed_range
+    if not 0.5 <= lo <= hi <= 2.0:
+      raise ValueError(f"EmbeddedCorpusConfig.train_speed_range must be "
+                       f"(low, high) within [0.5, 2], got {(lo, hi)}")
+    if self.num_real < 0:
+      raise ValueError(f"EmbeddedCorpusConfig.num_real must be >= 0, got "
+                       f"{self.num_real}")
+
+  @property
+  def robust(self) -> bool:
+    """Whether any train-side robustness option is on."""
+    return (self.train_speed_range != SPEED_RANGE or self.pause_prob > 0
+            or self.piper_share > 0 or self.augment_policy is not None)
 
   def split_size(self, split: str) -> int:
     return {"train": self.num_train, "dev": self.num_dev,
@@ -140,6 +196,9 @@ def _config(name, domain, sizes, **kwargs):
 
 SMOKE_SIZES = (150, 30, 30)
 DEFAULT_SIZES = (6000, 300, 300)
+ROBUST_SIZES = (5000, 300, 300)
+ROBUST = dict(train_speed_range=(0.6, 1.2), pause_prob=0.5, piper_share=0.15,
+              piper_speakers=8, augment_policy=augment.AugmentPolicy())
 # The objective comparison's corpus (sld_jax.comparison): the default train
 # set with dev and test large enough to resolve a 1-point WER difference.
 COMPARE_SIZES = (6000, 2000, 2000)
@@ -147,6 +206,10 @@ CONFIGS = {
     c.name: c for c in (
         _config("digits_smoke", "digits", SMOKE_SIZES),
         _config("digits_default", "digits", DEFAULT_SIZES),
+        _config("digits_robust_smoke", "digits", SMOKE_SIZES, num_real=30,
+                **ROBUST),
+        _config("digits_robust", "digits", ROBUST_SIZES, num_real=200,
+                **ROBUST),
         _config("digits_compare", "digits", COMPARE_SIZES),
         _config("sentences_smoke", "sentences", SMOKE_SIZES),
         _config("sentences_default", "sentences", DEFAULT_SIZES),
@@ -272,15 +335,29 @@ def split_base_voices(split: str) -> list[tts.Voice]:
 
 def split_voices(split: str, config: EmbeddedCorpusConfig) -> list[tts.Voice]:
   """Pseudo-speakers of a split: each base voice at seeded rates/pitches."""
+  speed_range = config.train_speed_range if split == "train" else SPEED_RANGE
   voices = []
   for base in split_base_voices(split):
     rng = np.random.default_rng(
         int(_hash_fraction(f"{split}/{base.base_id}", config.seed) * 2**32))
     for _ in range(config.speakers_per_voice):
-      speed = round(float(rng.uniform(*SPEED_RANGE)), 2)
+      speed = round(float(rng.uniform(*speed_range)), 2)
       pitch = round(float(rng.uniform(*PITCH_RANGE)), 2)
       voices.append(dataclasses.replace(base, speed=speed, pitch=pitch))
   return voices
+
+
+def piper_voices(config: EmbeddedCorpusConfig) -> list[tts.Voice]:
+  """The train split's Piper pseudo-speakers (none if ``piper_share`` is 0)."""
+  if config.piper_share == 0:
+    return []
+  rng = np.random.default_rng(
+      int(_hash_fraction("train/piper:joe", config.seed) * 2**32))
+  return [tts.Voice("piper", "joe",
+                    speed=round(float(rng.uniform(*config.train_speed_range)),
+                                2),
+                    pitch=round(float(rng.uniform(*PIPER_PITCH_RANGE)), 2))
+          for _ in range(config.piper_speakers)]
 
 
 # ----------------------------------------------------------------------------
@@ -293,6 +370,7 @@ class PlannedUtterance:
   voice: tts.Voice
   spoken: str        # what the TTS engine reads
   text: str          # the transcript (normalised, lower case)
+  augmentation: Optional[augment.Augmentation] = None  # train, robust only
 
 
 def corpus_plan(config: EmbeddedCorpusConfig
@@ -315,7 +393,35 @@ def corpus_plan(config: EmbeddedCorpusConfig
                          voice=voices[int(speaker_order[i])],
                          spoken=spoken, text=text)
         for i, (spoken, text) in enumerate(texts)]
+    if split == "train" and config.robust:
+      plan[split] = _robust_train(plan[split], config)
   return plan
+
+
+def _robust_train(utterances: list[PlannedUtterance],
+                  config: EmbeddedCorpusConfig) -> list[PlannedUtterance]:
+  """Piper speakers, pauses and channel augmentation for the train split.
+
+  Uses its own random stream, so the texts and espeak/flite speakers of the
+  other utterances are those of the same config without these options.
+  """
+  rng = np.random.default_rng([config.seed, 7, 0])
+  piper = piper_voices(config)
+  out = []
+  for utt in utterances:
+    u = rng.random(3)
+    piper_index = int(rng.integers(max(1, len(piper))))
+    separator = PAUSE_SEPARATORS[int(rng.integers(len(PAUSE_SEPARATORS)))]
+    aug = (augment.draw(rng, config.augment_policy)
+           if config.augment_policy is not None else None)
+    voice = piper[piper_index] if piper and u[0] < config.piper_share \
+        else utt.voice
+    spoken = utt.spoken
+    if u[1] < config.pause_prob:
+      spoken = separator.join(spoken.split()) + separator.strip()
+    out.append(dataclasses.replace(utt, voice=voice, spoken=spoken,
+                                   augmentation=aug))
+  return out
 
 
 def synthesize_utterance(utterance: PlannedUtterance) -> np.ndarray:
@@ -325,6 +431,9 @@ def synthesize_utterance(utterance: PlannedUtterance) -> np.ndarray:
                               sample_rate=SAMPLE_RATE)
   except (RuntimeError, ValueError) as e:
     raise RuntimeError(f"embedded corpus utterance {utterance.id}: {e}") from e
+  if utterance.augmentation is not None:
+    waveform = augment.apply(waveform, utterance.augmentation,
+                             sample_rate=SAMPLE_RATE)
   return np.clip(np.round(waveform * 32767.0), -32768, 32767).astype(np.int16)
 
 
@@ -376,9 +485,9 @@ class SldEmbeddedSpeech(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing is downloaded
-    for engine in tts.ENGINES:
-      tts.check_engine(engine)
     plan = corpus_plan(self.builder_config)
+    for engine in sorted({u.voice.engine for us in plan.values() for u in us}):
+      tts.check_engine(engine)
     return {split: self._generate_examples(plan[split], split)
             for split in SPLITS}
 

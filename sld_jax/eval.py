@@ -39,10 +39,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 from absl import app
 from absl import flags
 from absl import logging
-import flax.traverse_util
 import gin
 import jax
-import orbax.checkpoint as ocp
 
 from sld_jax import checkpointing
 from sld_jax import cli
@@ -85,8 +83,8 @@ def locate_checkpoints(path: str) -> CheckpointLocation:
     location = CheckpointLocation(os.path.join(path, checkpointing.CHECKPOINT_SUBDIR))
   elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
     location = CheckpointLocation(os.path.dirname(path), int(os.path.basename(path)))
-  with contextlib.closing(_manager(location.directory)) as manager:
-    steps = manager.all_steps()
+  with contextlib.closing(_reader(location.directory)) as reader:
+    steps = reader.all_steps()
   if not steps:
     found = sorted(os.listdir(location.directory))[:10]
     raise FileNotFoundError(f"no checkpoints in {location.directory} (found {found}); "
@@ -97,19 +95,14 @@ def locate_checkpoints(path: str) -> CheckpointLocation:
   return location
 
 
-def _manager(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      directory,
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "data": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0, max_to_keep=None))
+def _reader(directory: str) -> checkpointing.Checkpointer:
+  return checkpointing.Checkpointer(directory, read_only=True)
 
 
 def select_steps(location: CheckpointLocation, steps: Steps = "latest") -> list[int]:
   """The steps to score: "latest", "all", a step or a list of steps."""
-  with contextlib.closing(_manager(location.directory)) as manager:
-    available = sorted(manager.all_steps())
+  with contextlib.closing(_reader(location.directory)) as reader:
+    available = reader.all_steps()
   if location.step is not None:
     return [location.step]
   if steps == "latest":
@@ -124,29 +117,8 @@ def select_steps(location: CheckpointLocation, steps: Steps = "latest") -> list[
   return sorted(wanted)
 
 
-def _listed(lines: list[str], most: int) -> list[str]:
-  return lines[:most] + ([f"... and {len(lines) - most} more"] if len(lines) > most else [])
-
-
-def check_params_match(saved: Any, abstract: Any, where: str, model_info: str) -> None:
-  """Raises if the checkpoint's parameter names or shapes differ from the model's."""
-  saved = flax.traverse_util.flatten_dict(saved, sep="/")
-  wanted = flax.traverse_util.flatten_dict(abstract, sep="/")
-  vocabulary_first = lambda name: (not name.startswith(("token_embedder", "logits")), name)
-  problems = _listed([f"{name}: in the model, not in the checkpoint"
-                     for name in sorted(set(wanted) - set(saved))], 4)
-  problems += _listed([f"{name}: in the checkpoint, not in the model"
-                      for name in sorted(set(saved) - set(wanted))], 4)
-  problems += _listed([f"{name}: checkpoint {list(saved[name].shape)}, model "
-                      f"{list(wanted[name].shape)}"
-                      for name in sorted(set(saved) & set(wanted), key=vocabulary_first)
-                      if tuple(saved[name].shape) != tuple(wanted[name].shape)], 6)
-  if problems:
-    shown = "\n  ".join(problems)
-    raise ValueError(
-        f"checkpoint {where} does not fit the configured model ({model_info}):\n  {shown}"
-        "\nEvaluate with the gin file (model size, task/vocabulary) the checkpoint was trained "
-        "with; MODEL_DIR/config.gin holds its operative config.")
+# The shape check lives with the checkpoint reader (training resume uses it too).
+check_params_match = checkpointing.check_params_match
 
 
 def _training_layout(source: Any) -> Optional[VocabLayout]:
@@ -172,40 +144,32 @@ def restore_params(location: CheckpointLocation, step: int, abstract: Any, layou
                    model_info: str, eval_tasks: Sequence[str]) -> Any:
   """Reads only ``state.params`` of ``step`` into the shardings of ``abstract``.
 
+  Through ``checkpointing.Checkpointer.restore_params``: the step's
+  checksums and parameter shapes are checked before any array is read.
+
   Raises:
-    ValueError: the parameter tree differs from the model's, or the
-      checkpoint was trained on data with another vocabulary layout.
+    checkpointing.CorruptCheckpointError: a file differs from its checksum.
+    checkpointing.CheckpointMismatchError: the parameter tree differs from
+      the model's.
+    ValueError: the checkpoint was trained on data with another vocabulary
+      layout.
   """
-  with contextlib.closing(_manager(location.directory)) as manager:
-    return _restore_params(manager, location, step, abstract, layout, model_info, eval_tasks)
-
-
-def _restore_params(manager, location, step, abstract, layout, model_info, eval_tasks):
   where = os.path.join(location.directory, str(step))
-  metadata = manager.item_metadata(step)
-  state_metadata = getattr(metadata["state"], "tree", metadata["state"])
-  if not isinstance(state_metadata, dict) or "params" not in state_metadata:
-    raise ValueError(f"checkpoint {where} has no state/params (found "
-                     f"{sorted(state_metadata) if isinstance(state_metadata, dict) else None})")
-  check_params_match(state_metadata["params"], abstract, where, model_info)
-  position = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-  source = (position or {}).get("source")
-  trained = _training_layout(source)
-  if trained is not None and trained != layout:
-    raise ValueError(
-        f"checkpoint {where} was trained on {source} with vocabulary {trained}, but the "
-        f"eval task(s) {list(eval_tasks)} use {layout}: hypotheses would be decoded with the "
-        "wrong vocabulary")
-  if isinstance(source, dict) and source.get("kind") == "seqio" and (
-      source.get("task") not in eval_tasks):
-    logging.warning("checkpoint %s was trained on task %s; evaluating on %s", where,
-                    source.get("task"), list(eval_tasks))
-  item = {"params": abstract}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  logging.info("Restored the parameters of step %d from %s", step, location.directory)
-  return restored.state["params"]
+  with contextlib.closing(_reader(location.directory)) as reader:
+    reader.verify(step)
+    reader.check_fits(step, abstract, model_info)
+    source = reader.data_position(step).get("source")
+    trained = _training_layout(source)
+    if trained is not None and trained != layout:
+      raise ValueError(
+          f"checkpoint {where} was trained on {source} with vocabulary {trained}, but the "
+          f"eval task(s) {list(eval_tasks)} use {layout}: hypotheses would be decoded with the "
+          "wrong vocabulary")
+    if isinstance(source, dict) and source.get("kind") == "seqio" and (
+        source.get("task") not in eval_tasks):
+      logging.warning("checkpoint %s was trained on task %s; evaluating on %s", where,
+                      source.get("task"), list(eval_tasks))
+    return reader.restore_params(abstract, step, model_info)
 
 
 # ----------------------------------------------------------------------------
@@ -369,12 +333,17 @@ FLAGS = flags.FLAGS
 _TRAINING_PLACEHOLDERS = ('MODEL_DIR = "(unused by sld_jax.eval)"', "TRAIN_STEPS = 1")
 
 
+# Macros this main reads itself (gin.query_parameter), so they may be set on
+# the command line although no binding references them.
+_READ_MACROS = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "TASK", "BATCH_SIZE", "SEQUENCE_LENGTH")
+
+
 def main(argv) -> None:
   cli.start(argv)
   configured = gin.configurable("evaluate", module="sld_jax.eval")(evaluate)
   gin_utils.parse_gin_config(FLAGS.gin_file,
                              list(_TRAINING_PLACEHOLDERS) + list(FLAGS.gin_bindings),
-                             FLAGS.gin_search_paths)
+                             FLAGS.gin_search_paths, known_macros=_READ_MACROS)
   checkpoint_path = _required_macro("CHECKPOINT_PATH", '\\"/path/to/MODEL_DIR\\"')
   output_dir = _required_macro("EVAL_OUTPUT_DIR", '\\"/path/to/eval\\"')
   configured(checkpoint_path, output_dir)

@@ -65,6 +65,7 @@ GPT-2 directory (converted on the fly) or a directory written by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -77,6 +78,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 
+from sld_jax import checkpointing
 from sld_jax import gpt2_vocab
 from sld_jax import hf_gpt2_files as hf_files
 from sld_jax import vocab as vocab_lib
@@ -499,6 +501,7 @@ def save_params(params: Params, directory: str, *, config: DecoderConfig,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, PARAMS_SUBDIR), params, force=True)
   checkpointer.wait_until_finished()
+  checkpointing.write_checksums(os.path.join(directory, PARAMS_SUBDIR), step=0)
   metadata = {"config": dataclasses.asdict(config), "layout": _layout_json(layout),
               "text_id_map": None if text_id_map is None else text_id_map.to_json(),
               "source": source}
@@ -538,6 +541,7 @@ def restore_params(directory: str, config: DecoderConfig, layout: vocab_lib.Voca
       raise ValueError(f"{meta_file}: the params were saved for {saved_layout}, "
                        f"the run uses {layout}")
   abstract = abstract_params(config)
+  checkpointing.verify_checksums(params_dir, step=0)
   checkpointer = ocp.StandardCheckpointer()
   saved_tree = checkpointer.metadata(params_dir).item_metadata.tree
   _check_tree(saved_tree, config, f"orbax params {params_dir}")
@@ -559,12 +563,14 @@ def place_params(params: Params, shardings: Params) -> Params:
 def init_params_from(path: str, config: DecoderConfig, layout: vocab_lib.VocabLayout, *,
                      shardings: Optional[Params] = None, init_seed: int = 0,
                      new_row_init: str = "mean") -> Params:
-  """Initial training params from a HF GPT-2 directory or a ``save_params`` dir.
+  """Initial training params from a HF GPT-2 directory, a ``save_params`` dir
+  or a training run.
 
   Args:
     path: a HF GPT-2 directory (has ``config.json``; converted now, see
-      ``load_hf_gpt2``) or a directory written by ``save_params`` /
-      ``scripts/convert_gpt2.py``.
+      ``load_hf_gpt2``), a directory written by ``save_params`` /
+      ``scripts/convert_gpt2.py``, or a MODEL_DIR of ``sld_jax.train`` (its
+      latest checkpoint's params, read by ``checkpointing.Checkpointer``).
     config: the model being trained; must match the checkpoint's shape.
     layout: the run's vocabulary layout (``text_size`` must be the GPT-2
       map's: use ``Gpt2SpeechTextVocabulary`` for the data).
@@ -580,6 +586,13 @@ def init_params_from(path: str, config: DecoderConfig, layout: vocab_lib.VocabLa
     _, params, _, _ = load_hf_gpt2(path, layout=layout, expected_config=config,
                                    init_seed=init_seed, new_row_init=new_row_init)
     return params if shardings is None else place_params(params, shardings)
+  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_SUBDIR)):
+    target = abstract_params(config)
+    if shardings is not None:
+      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            target, shardings)
+    with contextlib.closing(checkpointing.model_dir_checkpoints(path)) as reader:
+      return reader.restore_params(target, model_info=f"{config}, vocabulary {layout}")
   if _params_dir(path) is None:
     raise FileNotFoundError(
         f"init path {path} is neither a HF GPT-2 directory (config.json) nor an orbax "

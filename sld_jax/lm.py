@@ -68,12 +68,18 @@ class SpeechTextLM:
     config: the decoder's ``DecoderConfig`` (``vocab_size == layout.size``).
     loss_config: the objective (``sld_jax.losses.LossConfig``).
     time_mask_prob: input corruption probability in training (paper: 0.3).
+    loss_chunk_size: None: the loss reads the decoder's ``[B, L, V]`` float32
+      logits. An int C: the decoder returns its last hidden states and the
+      loss projects them C positions at a time
+      (``losses.compute_loss_chunked``): the same values, without ``[B, L, V]``
+      logits in memory in either pass (what large vocabularies need).
   """
 
   def __init__(self, layout: VocabLayout,
                decoder: Callable[..., DecoderConfig] = decoder_config,
                loss_config: Optional[losses.LossConfig] = None,
-               time_mask_prob: float = 0.0):
+               time_mask_prob: float = 0.0,
+               loss_chunk_size: Optional[int] = None):
     """Builds the decoder config with ``decoder(vocab_size=layout.size)``.
 
     Args:
@@ -82,6 +88,7 @@ class SpeechTextLM:
         ``@decoder_config`` configured by ``gin_configs/models/*.gin``.
       loss_config: the objective; default ``LossConfig()`` (gin-configured).
       time_mask_prob: probability in [0, 1).
+      loss_chunk_size: positions per chunk of the chunked loss, or None.
     """
     if not 0.0 <= time_mask_prob < 1.0:
       raise ValueError(f"SpeechTextLM.time_mask_prob must be in [0, 1), got {time_mask_prob}")
@@ -92,6 +99,12 @@ class SpeechTextLM:
           f"decoder vocab_size {self.config.vocab_size} != layout.size {layout.size}")
     self.loss_config = loss_config if loss_config is not None else losses.LossConfig()
     self.time_mask_prob = float(time_mask_prob)
+    if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or
+                                        not isinstance(loss_chunk_size, int) or
+                                        loss_chunk_size <= 0):
+      raise ValueError(
+          f"SpeechTextLM.loss_chunk_size must be None or a positive int, got {loss_chunk_size!r}")
+    self.loss_chunk_size = loss_chunk_size
     self.module = decoder_lib.Decoder(self.config)
 
   # -- parameters and logits -------------------------------------------------
@@ -101,14 +114,18 @@ class SpeechTextLM:
     return decoder_lib.init_params(self.module, rng)
 
   def logits(self, params: Any, batch: Batch, *, dropout_rng: Optional[jax.Array] = None,
-             input_tokens: Optional[jax.Array] = None) -> jax.Array:
-    """``[B, L, V]`` float32 logits; dropout on iff ``dropout_rng`` is given."""
+             input_tokens: Optional[jax.Array] = None, return_hidden: bool = False
+             ) -> jax.Array:
+    """``[B, L, V]`` float32 logits; dropout on iff ``dropout_rng`` is given.
+
+    ``return_hidden``: the decoder's final-norm outputs ``[B, L, E]`` instead.
+    """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     return self.module.apply(
         {"params": params},
         batch["decoder_input_tokens"] if input_tokens is None else input_tokens,
         batch.get("decoder_positions"), batch.get("decoder_segment_ids"),
-        enable_dropout=dropout_rng is not None, rngs=rngs)
+        enable_dropout=dropout_rng is not None, return_hidden=return_hidden, rngs=rngs)
 
   # -- the objective ---------------------------------------------------------
 
@@ -130,10 +147,19 @@ class SpeechTextLM:
       dropout_rng = jax.random.fold_in(rng, 0)
       inputs = time_mask(inputs, jax.random.fold_in(rng, 1), self.time_mask_prob,
                          self.layout.eos_id)
-    logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
-    loss, aux = losses.compute_loss_from_config(
-        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-        batch.get("decoder_segment_ids"), self.layout, self.loss_config)
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    segment_ids = batch.get("decoder_segment_ids")
+    if self.loss_chunk_size is None:
+      logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
+      loss, aux = losses.compute_loss_from_config(
+          logits, targets, weights, segment_ids, self.layout, self.loss_config)
+    else:
+      hidden = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs,
+                           return_hidden=True)
+      project = decoder_lib.vocab_projection(self.config, params, self.layout.real_size)
+      loss, aux = losses.compute_loss_chunked(
+          hidden, project, targets, weights, segment_ids, layout=self.layout,
+          chunk_size=self.loss_chunk_size, **self.loss_config.knobs())
     aux = dict(aux, num_target_tokens=jnp.sum(batch["decoder_loss_weights"] > 0))
     return loss, aux
 

@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gin
 import jax
@@ -144,6 +144,10 @@ class LossConfig:
   def __post_init__(self):
     _check_hyperparameters(self.method, self.alpha, self.epsilon,
                            self.temperature, self.kl_target, "LossConfig")
+
+  def knobs(self) -> dict[str, Any]:
+    """The keyword arguments of ``compute_loss`` this config sets."""
+    return dataclasses.asdict(self)
 
 
 def check_target_ids(targets, layout: VocabLayout, name: str = "targets") -> None:
@@ -280,20 +284,59 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
   _check_shapes(logits, targets, weights, segment_ids, layout)
 
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  offset, num_units = layout.speech_offset, layout.speech_size
   # Static slice to the real vocabulary: rounding ids leave every softmax.
   real_logits = logits[..., :layout.real_size].astype(dtype)
+  terms = token_terms(real_logits, targets, layout, temperature, with_kl=method == "sld")
+  return _objective(terms, targets, weights, segment_ids, layout=layout, method=method,
+                    alpha=alpha, epsilon=epsilon, temperature=temperature,
+                    kl_target=kl_target)
+
+
+def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 1.0,
+                with_kl: bool = True) -> dict[str, jax.Array]:
+  """The per-token quantities every objective is made of, ``[B, L]`` each.
+
+  ``real_logits [B, L, layout.real_size]`` (rounding ids already sliced off)::
+
+    nll          -log p(y) under the softmax over the real vocabulary
+    correct      argmax over the real vocabulary == y (no gradient)
+    log_p_class  log p_T(class) over the K units: class = y at unit
+                 targets, unit 0 elsewhere (with_kl only)
+    sum_log_p    sum_k log p_T(k) over the K units (with_kl only)
+
+  Nothing here reads the weights, so the terms of a row can be computed in
+  chunks of positions (``compute_loss_chunked``) and joined.
+  """
+  dtype = jnp.promote_types(real_logits.dtype, jnp.float32)
+  real_logits = real_logits.astype(dtype)
+  offset, num_units = layout.speech_offset, layout.speech_size
   unit_logits = real_logits[..., offset:]                          # [B, L, K]
   # One pass over the vocabulary, split so the unit part can serve the KL.
   lse_units = jax.nn.logsumexp(unit_logits, axis=-1)              # [B, L]
   lse = jnp.logaddexp(jax.nn.logsumexp(real_logits[..., :offset], axis=-1),
                       lse_units)
-
   safe_targets = jnp.clip(targets, 0, layout.real_size - 1).astype(jnp.int32)
   target_logit = jnp.take_along_axis(
       real_logits, safe_targets[..., None], axis=-1)[..., 0]      # [B, L]
-  nll = lse - target_logit
+  terms = {
+      "nll": lse - target_logit,
+      "correct": jax.lax.stop_gradient(jnp.argmax(real_logits, axis=-1) == targets),
+  }
+  if with_kl:
+    t = float(temperature)
+    scaled_lse = lse_units if t == 1.0 else jax.nn.logsumexp(unit_logits / t, axis=-1)
+    terms["sum_log_p"] = jnp.sum(unit_logits, axis=-1) / t - num_units * scaled_lse
+    # Unit targets read their own logit; others use unit class 0 (reference).
+    class_logit = jnp.where(layout.is_unit(targets), target_logit, real_logits[..., offset])
+    terms["log_p_class"] = class_logit / t - scaled_lse
+  return terms
 
+
+def _objective(terms, targets, weights, segment_ids, *, layout: VocabLayout, method: str,
+               alpha: float, epsilon: float, temperature: float, kl_target: str):
+  """``compute_loss``'s result from ``token_terms`` (masks, counts, means)."""
+  dtype = terms["nll"].dtype
+  num_units = layout.speech_size
   weights = weights.astype(dtype)
   has_weight = weights > 0
   text_mask = has_weight & layout.is_text(targets)
@@ -304,23 +347,18 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
   num_units_tokens = jnp.sum(unit_mask)
   num_sequences = _count_sequences(has_weight, segment_ids)
 
-  ce_text = _masked_mean(nll, weights, text_mask, num_text)
-  ce_speech = _masked_mean(nll, weights, speech_mask, num_speech)
+  ce_text = _masked_mean(terms["nll"], weights, text_mask, num_text)
+  ce_speech = _masked_mean(terms["nll"], weights, speech_mask, num_speech)
 
   if method == "sld":
     t = float(temperature)
-    scaled_lse = lse_units if t == 1.0 else jax.nn.logsumexp(unit_logits / t, axis=-1)
-    sum_log_p = jnp.sum(unit_logits, axis=-1) / t - num_units * scaled_lse
-    # Unit targets read their own logit; others use unit class 0 (reference).
-    class_logit = jnp.where(unit_mask, target_logit, real_logits[..., offset])
-    log_p_class = class_logit / t - scaled_lse
     if kl_target == "paper":
       p_true, p_other = paper_target_probs(num_units, epsilon)
       kl_mask, denominator = unit_mask, num_units_tokens
     else:
       p_true, p_other = reference_target_probs(num_units, epsilon, t)
       kl_mask, denominator = text_mask | speech_mask, num_sequences
-    kl = _two_valued_kl(log_p_class, sum_log_p, num_units, p_true, p_other)
+    kl = _two_valued_kl(terms["log_p_class"], terms["sum_log_p"], num_units, p_true, p_other)
     kl_speech = t * t * _masked_mean(kl, weights, kl_mask, denominator)
   else:
     kl_speech = jnp.zeros((), dtype)
@@ -332,8 +370,7 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
   else:
     loss = ce_text + ce_speech + alpha * kl_speech
 
-  correct = jax.lax.stop_gradient(
-      jnp.argmax(real_logits, axis=-1) == targets).astype(dtype)
+  correct = terms["correct"].astype(dtype)
   aux = {
       "loss": loss,
       "ce_text": ce_text,
@@ -349,6 +386,61 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
   return loss, aux
 
 
+def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targets, weights,
+                         segment_ids=None, *, layout: VocabLayout, chunk_size: int,
+                         method: str = "sld", alpha: float = 0.008, epsilon: float = 0.1,
+                         temperature: float = 1.0, kl_target: str = "paper"
+                         ) -> tuple[jax.Array, dict[str, Any]]:
+  """``compute_loss`` from the last hidden states, never holding ``[B, L, V]`` logits.
+
+  The positions of every row are cut into chunks of ``chunk_size``; each
+  chunk is projected (``project(h [B, C, E]) -> float32 [B, C, real_size]``),
+  reduced to its ``token_terms`` and dropped. The chunk function is
+  rematerialised (``jax.checkpoint``), so the backward pass recomputes one
+  chunk's logits at a time too: peak logits memory is ``B x C x V`` instead
+  of ``B x L x V``, at the cost of a second projection in the backward pass.
+  Rows are never split across chunks of the batch axis, which keeps a
+  data-sharded batch sharded. Example, ``L = 5``, ``chunk_size = 2``: the
+  positions are padded to 6 and computed as ``[0 1] [2 3] [4 5]``, position
+  5's terms are dropped. Equal to ``compute_loss(project(hidden), ...)`` up
+  to float rounding (tests/test_chunked_loss.py).
+
+  Args:
+    hidden: ``[B, L, E]`` final-norm outputs of the decoder.
+    project: the output layer restricted to the real vocabulary, e.g.
+      ``decoder.vocab_projection(config, params, layout.real_size)``.
+    chunk_size: positions per chunk, > 0.
+    (the rest as ``compute_loss``).
+  """
+  _check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
+                         "compute_loss_chunked")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"compute_loss_chunked: chunk_size must be a positive int, got {chunk_size!r}")
+  if hidden.ndim != 3 or tuple(hidden.shape[:2]) != tuple(targets.shape):
+    raise ValueError(
+        f"compute_loss_chunked: hidden must be [B, L, E] matching targets {tuple(targets.shape)}, "
+        f"got {tuple(hidden.shape)}")
+  batch, length = targets.shape
+  chunks = -(-length // chunk_size)
+  pad = chunks * chunk_size - length
+
+  def to_chunks(x):                       # [B, L, ...] -> [chunks, B, C, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((batch, chunks, chunk_size) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1)
+
+  @jax.checkpoint
+  def chunk_terms(hidden_chunk, target_chunk):
+    return token_terms(project(hidden_chunk), target_chunk, layout, temperature,
+                       with_kl=method == "sld")
+
+  terms = jax.lax.map(lambda args: chunk_terms(*args), (to_chunks(hidden), to_chunks(targets)))
+  terms = {name: jnp.swapaxes(value, 0, 1).reshape(batch, -1)[:, :length]
+           for name, value in terms.items()}
+  return _objective(terms, targets, weights, segment_ids, layout=layout, method=method,
+                    alpha=alpha, epsilon=epsilon, temperature=temperature, kl_target=kl_target)
+
+
 def compute_loss_from_config(logits, batch_targets, weights,
                              segment_ids: Optional[Any], layout: VocabLayout,
                              config: LossConfig):
@@ -357,7 +449,5 @@ def compute_loss_from_config(logits, batch_targets, weights,
     raise ValueError(
         f"compute_loss_from_config: config must be a LossConfig, got "
         f"{type(config).__name__}")
-  return compute_loss(
-      logits, batch_targets, weights, segment_ids, layout=layout,
-      method=config.method, alpha=config.alpha, epsilon=config.epsilon,
-      temperature=config.temperature, kl_target=config.kl_target)
+  return compute_loss(logits, batch_targets, weights, segment_ids, layout=layout,
+                      **config.knobs())

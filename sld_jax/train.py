@@ -47,7 +47,8 @@ def params_checksum(params) -> float:
 
 def main(argv) -> None:
   cli.start(argv)
-  gin_utils.parse_gin_config(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  gin_utils.parse_gin_config(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths,
+                             known_macros=())
 
   from sld_jax import trainer  # pylint: disable=g-import-not-at-top
   result = trainer.train()
@@ -57,8 +58,17 @@ def main(argv) -> None:
       result.last_metrics.get("loss"), params_checksum(result.state.params))
 
 
+def known_errors() -> tuple[type[BaseException], ...]:
+  """Failures a user can act on from their message alone."""
+  from sld_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from sld_jax import run_lock  # pylint: disable=g-import-not-at-top
+  from sld_jax import trainer  # pylint: disable=g-import-not-at-top
+  return (gin_utils.GinConfigError, run_lock.RunDirectoryLocked, checkpointing.CheckpointError,
+          trainer.TrainingDivergedError)
+
+
 def run() -> None:
-  app.run(main, argv=gin_utils.rewrite_gin_args(sys.argv))
+  app.run(cli.report_errors(main, known_errors()), argv=gin_utils.rewrite_gin_args(sys.argv))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@
 ``train`` is the gin-configured loop around it: step-indexed data, logging
 (``MODEL_DIR/metrics.jsonl``, TensorBoard, a console line with ETA),
 periodic evaluation through ``evaluators``, asynchronous checkpoints, a save
-on SIGTERM/SIGINT, and a stop on a non-finite loss that keeps the last good
-checkpoint.
+on SIGTERM/SIGINT, and a stop on a non-finite or diverging loss
+(``DivergenceMonitor``) that keeps the last good checkpoint. The run
+directory is locked for the run's lifetime (``sld_jax.run_lock``), and a
+resumed checkpoint is verified against its checksums and the model's shapes
+before anything is read (``sld_jax.checkpointing``).
 
 Randomness is a function of the step: the step's key is
 ``fold_in(train_key, step)``, microbatch ``a`` uses ``fold_in(step_key, a)``,
@@ -34,6 +37,7 @@ device keeps working on its own rows::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -56,6 +60,7 @@ from sld_jax import input_pipeline
 from sld_jax import metrics_writer
 from sld_jax import optim
 from sld_jax import partitioning
+from sld_jax import run_lock
 from sld_jax.lm import SpeechTextLM
 from sld_jax.train_state import TrainState, param_count
 
@@ -254,8 +259,16 @@ class TeacherForcedEvaluator:
 # ----------------------------------------------------------------------------
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingDivergedError(FloatingPointError):
+  """Training stopped because it diverged; nothing after the last good step was saved."""
+
+
+class NonFiniteLossError(TrainingDivergedError):
   """The loss, gradient norm or parameter norm became NaN/Inf; training stopped."""
+
+
+class DivergenceError(TrainingDivergedError):
+  """The loss or gradient norm ran far above its running median; training stopped."""
 
 
 @dataclasses.dataclass
@@ -266,22 +279,78 @@ class TrainResult:
   stopped_early: bool
 
 
+@gin.configurable
+class DivergenceMonitor:
+  """Stops training that diverges while its numbers stay finite.
+
+  Every step's loss and gradient norm are compared with their medians over
+  the previous ``window`` steps (once ``min_history`` steps are known)::
+
+    loss      4.1 3.9 3.8 3.7 3.7 ... 3.5 | 9e4     median 3.7: 9e4 > 10 x 3.7
+    grad_norm 1.2 1.1 0.9 1.0 1.1 ... 0.8 | 3e3     median 1.0: 3e3 > 100 x 1.0
+
+  A step beyond either limit raises ``DivergenceError`` before its state (or
+  any later one) is saved. ``loss_factor`` / ``grad_norm_factor`` = 0
+  disables that check. The loss median is also the metric by which the
+  best-known-good checkpoint is kept (``checkpointing.BEST_METRIC``).
+
+  Gin: ``DivergenceMonitor.loss_factor = 10.0`` etc.
+  """
+
+  def __init__(self, loss_factor: float = 10.0, grad_norm_factor: float = 100.0,
+               window: int = 50, min_history: int = 10):
+    if window < 1 or min_history < 1 or min_history > window:
+      raise ValueError(f"DivergenceMonitor: need 1 <= min_history ({min_history}) <= window "
+                       f"({window})")
+    self.factors = {"loss": loss_factor, "grad_norm": grad_norm_factor}
+    self.min_history = min_history
+    self.history = {name: collections.deque(maxlen=window) for name in self.factors}
+    self.last_step = -1
+
+  def check(self, step: int, metrics: Mapping[str, Any]) -> Optional[str]:
+    """Records a step's metrics; returns what diverged, or None (steps seen are skipped)."""
+    if step <= self.last_step:
+      return None
+    self.last_step = step
+    problem = None
+    for name, factor in self.factors.items():
+      value, history = float(metrics[name]), self.history[name]
+      if factor and len(history) >= self.min_history and problem is None:
+        median = float(np.median(history))
+        if value > factor * median:
+          problem = (f"{name} {value:.4g} at step {step} is more than {factor:g} times its "
+                     f"median {median:.4g} over the previous {len(history)} steps")
+      history.append(value)
+    return problem
+
+  def loss_median(self) -> Optional[float]:
+    return float(np.median(self.history["loss"])) if self.history["loss"] else None
+
+
 def _fetch_and_check(pending: list[tuple[int, Any]],
-                     checkpointer: checkpointing.Checkpointer) -> list[tuple[int, dict]]:
-  """Brings pending ``(step, metrics)`` to the host; raises on a non-finite value."""
+                     checkpointer: checkpointing.Checkpointer,
+                     monitor: Optional[DivergenceMonitor] = None) -> list[tuple[int, dict]]:
+  """Brings pending ``(step, metrics)`` to the host; raises on a non-finite or
+  diverging value."""
   fetched = jax.device_get(pending)
+
+  def stop(error_type, what):
+    checkpointer.wait_until_finished()  # saves in flight hold earlier, good states
+    last = checkpointer.latest_step()
+    raise error_type(
+        f"{what}: training stopped. Nothing was saved after it; the last good checkpoint is "
+        f"{'none' if last is None else f'step {last}'} in {checkpointer.directory}. "
+        "Lower the learning rate, enable clipping (make_optimizer.clip_grad_norm) or "
+        "check the data.")
+
   for step, metrics in fetched:
     for name in ("loss", "grad_norm", "param_norm"):
       value = float(metrics[name])
       if not math.isfinite(value):
-        checkpointer.wait_until_finished()  # saves in flight hold earlier, finite states
-        last = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"non-finite {name} ({value}) at step {step}: training stopped. Nothing was "
-            f"saved after it; the last good checkpoint is "
-            f"{'none' if last is None else f'step {last}'} in {checkpointer.directory}. "
-            "Lower the learning rate, enable clipping (make_optimizer.clip_grad_norm) or "
-            "check the data.")
+        stop(NonFiniteLossError, f"non-finite {name} ({value}) at step {step}")
+    problem = monitor.check(step, metrics) if monitor is not None else None
+    if problem:
+      stop(DivergenceError, f"training diverged: {problem}")
   return fetched
 
 
@@ -305,7 +374,9 @@ def train(model_dir: str = gin.REQUIRED,
           stop_after_steps: Optional[int] = None,
           tensorboard: bool = True,
           compiler_options: Optional[Mapping[str, Any]] = None,
-          init_from: Optional[str] = None) -> TrainResult:
+          init_from: Optional[str] = None,
+          divergence: Optional[Callable[[], DivergenceMonitor]] = DivergenceMonitor,
+          corrupt_checkpoint: str = "refuse") -> TrainResult:
   """Trains to ``total_steps`` optimizer steps, resuming from ``model_dir``.
 
   Args:
@@ -324,7 +395,8 @@ def train(model_dir: str = gin.REQUIRED,
     log_every: steps between metric lines (and host-side NaN checks).
     checkpoint_every: steps between checkpoints (also saved at the end and
       on SIGTERM/SIGINT).
-    keep_checkpoints: how many to keep (None = all).
+    keep_checkpoints: how many of the newest to keep (None = all); the one
+      with the lowest recent median loss is kept besides them.
     async_checkpointing: write checkpoints in the background.
     eval_every: steps between evaluations (0 = only at the end, if any
       evaluators are configured).
@@ -339,18 +411,72 @@ def train(model_dir: str = gin.REQUIRED,
     init_from: start a fresh run (not a resumed one) from pretrained
       parameters: a Hugging Face GPT-2 directory or a params checkpoint from
       ``scripts/convert_gpt2.py`` (``sld_jax.hf_gpt2.init_params_from``).
+    divergence: ``divergence() -> DivergenceMonitor`` (gin-configured), or
+      None to stop only on NaN/Inf.
+    corrupt_checkpoint: what resuming does when the latest checkpoint fails
+      its checksums: "refuse" (default: stop, naming the file and the newest
+      good step) or "use_previous" (move the corrupt steps to
+      ``MODEL_DIR/checkpoints_corrupt/`` and resume from the newest good one).
 
   Returns:
     A ``TrainResult`` with the final state and the last logged metrics.
 
   Raises:
     NonFiniteLossError: the loss, gradient norm or parameter norm became NaN/Inf.
+    DivergenceError: the loss or gradient norm diverged (``DivergenceMonitor``).
+    run_lock.RunDirectoryLocked: another live trainer holds ``model_dir``.
+    checkpointing.CheckpointError: the checkpoint to resume from is corrupt or
+      does not fit the model; a save failed for lack of disk space.
   """
+  if corrupt_checkpoint not in ("refuse", "use_previous"):
+    raise ValueError(f"train.corrupt_checkpoint must be \"refuse\" or \"use_previous\", "
+                     f"got {corrupt_checkpoint!r}")
   if total_steps <= 0:
     raise ValueError(f"train.total_steps must be > 0, got {total_steps}")
   for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every)):
     if value <= 0:
       raise ValueError(f"train.{name} must be > 0, got {value}")
+  is_primary = jax.process_index() == 0
+  with run_lock.RunLock(model_dir, is_primary=is_primary):
+    return _train_locked(
+        model_dir, total_steps, train_data, model, learning_rate, optimizer, mesh,
+        logical_axis_rules, seed, gradient_accumulation_steps, compiler_options, init_from,
+        checkpointer_options=dict(save_interval_steps=checkpoint_every,
+                                  max_to_keep=keep_checkpoints,
+                                  async_save=async_checkpointing),
+        tensorboard=tensorboard, evaluators=evaluators, corrupt_checkpoint=corrupt_checkpoint,
+        monitor=divergence() if divergence is not None else None,
+        loop_options=dict(log_every=log_every, eval_every=eval_every,
+                          stop_after_steps=stop_after_steps))
+
+
+def _resume(checkpointer: checkpointing.Checkpointer, trainer: Trainer, model_info: str,
+            corrupt_checkpoint: str) -> tuple[TrainState, dict[str, Any]]:
+  """The latest good checkpoint's state; corrupt ones refused or set aside."""
+  while True:
+    step = checkpointer.latest_step()
+    try:
+      return checkpointer.restore(trainer.abstract_state, step, model_info=model_info)
+    except checkpointing.CorruptCheckpointError as e:
+      previous = checkpointer.last_good_step(before=step)
+      if corrupt_checkpoint != "use_previous":
+        offer = ("There is no earlier good checkpoint: start a new MODEL_DIR." if previous
+                 is None else f"The newest good checkpoint is step {previous}: to resume from "
+                 "it, rerun with --gin.trainer.train.corrupt_checkpoint=\"use_previous\" (the "
+                 f"corrupt steps are then moved to {checkpointing.CORRUPT_SUBDIR}/).")
+        raise checkpointing.CorruptCheckpointError(f"{e}. {offer}", e.step, e.path) from None
+      if previous is None:
+        raise
+      logging.warning("%s; resuming from step %d instead", e, previous)
+      for bad in [s for s in checkpointer.all_steps() if s > previous]:
+        checkpointer.set_aside(bad)
+
+
+def _train_locked(model_dir, total_steps, train_data, model, learning_rate, optimizer, mesh,
+                  logical_axis_rules, seed, gradient_accumulation_steps, compiler_options,
+                  init_from, *, checkpointer_options, tensorboard, evaluators,
+                  corrupt_checkpoint, monitor, loop_options) -> TrainResult:
+  """``train`` once the run directory is locked."""
   is_primary = jax.process_index() == 0
   mesh = partitioning.make_mesh() if mesh is None else mesh
   rules = partitioning.logical_axis_rules() if logical_axis_rules is None else logical_axis_rules
@@ -363,9 +489,7 @@ def train(model_dir: str = gin.REQUIRED,
                trainer.num_params / 1e6, dict(mesh.shape), jax.process_count())
 
   checkpointer = checkpointing.Checkpointer(
-      os.path.join(model_dir, checkpointing.CHECKPOINT_SUBDIR),
-      save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints,
-      async_save=async_checkpointing)
+      os.path.join(model_dir, checkpointing.CHECKPOINT_SUBDIR), **checkpointer_options)
   train_writer = metrics_writer.MetricsWriter(
       os.path.join(model_dir, "metrics.jsonl"),
       os.path.join(model_dir, "tensorboard", "train") if tensorboard else None, is_primary)
@@ -376,7 +500,9 @@ def train(model_dir: str = gin.REQUIRED,
 
   try:
     if checkpointer.latest_step() is not None:
-      state, position = checkpointer.restore(trainer.abstract_state)
+      state, position = _resume(checkpointer, trainer,
+                                f"{lm.config}, vocabulary {train_data.layout}",
+                                corrupt_checkpoint)
       start_step = int(jax.device_get(state.step))
       train_data.check_resume(position, start_step)
       logging.info("Resuming from step %d", start_step)
@@ -394,22 +520,27 @@ def train(model_dir: str = gin.REQUIRED,
     gin_utils.write_operative_config(model_dir, is_primary=is_primary)
 
     result = _loop(trainer, state, start_step, total_steps, train_data, checkpointer,
-                   train_writer, eval_writer, preemption, built_evaluators,
-                   log_every=log_every, eval_every=eval_every,
-                   stop_after_steps=stop_after_steps)
+                   train_writer, eval_writer, preemption, built_evaluators, monitor,
+                   **loop_options)
     gin_utils.write_operative_config(model_dir, is_primary=is_primary)
-    return result
-  finally:
-    checkpointer.close()
-    train_writer.close()
-    eval_writer.close()
+  except BaseException:
+    for close in (checkpointer.close, train_writer.close, eval_writer.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("while stopping: %s", str(e).splitlines()[0] if str(e) else repr(e))
+    raise
+  checkpointer.close()
+  train_writer.close()
+  eval_writer.close()
+  return result
 
 
 def _loop(trainer: Trainer, state: TrainState, start_step: int, total_steps: int,
           data: input_pipeline.BatchSource, checkpointer: checkpointing.Checkpointer,
           train_writer: metrics_writer.MetricsWriter, eval_writer: metrics_writer.MetricsWriter,
-          preemption: checkpointing.PreemptionHandler, evaluators: list[Evaluator], *,
-          log_every: int, eval_every: int,
+          preemption: checkpointing.PreemptionHandler, evaluators: list[Evaluator],
+          monitor: Optional[DivergenceMonitor], *, log_every: int, eval_every: int,
           stop_after_steps: Optional[int]) -> TrainResult:
   """Steps from ``start_step`` to ``total_steps`` (or the stop step)."""
   batches = data.batches(start_step, jax.process_index(), jax.process_count())
@@ -428,8 +559,11 @@ def _loop(trainer: Trainer, state: TrainState, start_step: int, total_steps: int
   def save(force=False) -> bool:
     if not (force or checkpointer.is_save_step(step)):
       return False
-    _fetch_and_check(pending, checkpointer)  # never save a non-finite state
-    return checkpointer.save(step, state, data.position(step), force=True)
+    _fetch_and_check(pending, checkpointer, monitor)  # never save a diverged state
+    median = monitor.loss_median() if monitor is not None else None
+    return checkpointer.save(step, state, data.position(step), force=True,
+                             metrics=None if median is None else {
+                                 checkpointing.BEST_METRIC: median})
 
   def run_evaluators():
     record = {}
@@ -452,7 +586,7 @@ def _loop(trainer: Trainer, state: TrainState, start_step: int, total_steps: int
         timed_from, timed_since = step, time.perf_counter()
 
       if step % log_every == 0 or step == stop_step:
-        fetched = _fetch_and_check(pending, checkpointer)
+        fetched = _fetch_and_check(pending, checkpointer, monitor)
         pending = []
         elapsed = time.perf_counter() - timed_since
         timed_steps = step - timed_from

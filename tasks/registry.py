@@ -10,6 +10,8 @@ Task names::
                                       unigram text model (1000 pieces)
   sld_embedded_sentences_logmel       sentences_default, log-mel K=256
   <each of the above>_smoke           the *_smoke corpus (150/30/30)
+  sld_embedded_digits_*_compare       digits_compare: 6000/2000/2000, for the
+                                      objective comparison (sld_jax.comparison)
   sld_librispeech_units               a prepared dir made elsewhere with
                                       scripts/prepare_data.py (the paper's
                                       setup: imported HuBERT/WavLM units)
@@ -88,6 +90,8 @@ def _embedded_tasks() -> dict[str, EmbeddedTask]:
       name = f"sld_embedded_{domain}_{extractor}"
       tasks[name] = EmbeddedTask(f"{domain}_default", options)
       tasks[name + "_smoke"] = EmbeddedTask(f"{domain}_smoke", options)
+      if domain == "digits":
+        tasks[name + "_compare"] = EmbeddedTask("digits_compare", options)
   return tasks
 
 

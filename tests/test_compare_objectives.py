@@ -1,22 +1,19 @@
-"""scripts/compare_objectives.py: the plan, one real comparison end to end,
-and the statistics and report on fabricated run folders.
+"""The objective comparison (sld_jax.comparison, scripts/compare_objectives.py):
+the plan and its gin, one real comparison end to end on the smoke corpus, and
+the report on fabricated run folders with known per-utterance errors.
 
-The real run trains and scores the smoke experiment (shrunk to a 1-layer,
-32-wide model and 3 steps) through the script's subprocesses, with a sweep
-point that fails; then a second invocation skips the finished run and
-``--report_only`` rebuilds the report. The 2 methods x 2 seeds statistics,
-the sweep table and the plots are checked on fabricated run folders with
-known values, since four real runs would take minutes on 2 cores.
+The real run trains 2 methods x 1 seed of a 1-layer, 32-wide model, dev WER
+every 2 steps, until the dev WER stops improving (patience 1, at most 6
+steps: one or two training segments), scores the selected checkpoints,
+then a second invocation finds them done and ``--report_only --publish``
+rebuilds the report elsewhere. The statistics of a 3 methods x 5 seeds report
+are checked on fabricated folders, since 15 real runs would take too long.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import os
-import re
-import statistics
 import subprocess
 import sys
 
@@ -24,22 +21,19 @@ import numpy as np
 import pytest
 
 import tiny_train
+from sld_jax.comparison import gin_values
+from sld_jax.comparison import main as comparison
+from sld_jax.comparison import plan as plan_lib
+from sld_jax.comparison import run_files
+from sld_jax.comparison import runner
+from sld_jax.comparison import statistics
+from sld_jax.comparison import stopping
 
 REPO = tiny_train.REPO_ROOT
 SCRIPT = os.path.join(REPO, "scripts", "compare_objectives.py")
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location("compare_objectives", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["compare_objectives"] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-compare = _load_script()
+FIGURES = ("dev_wer_curves.png", "wer_intervals.png", "pairwise_differences.png")
 
 
 def _check_png(path: str) -> None:
@@ -52,7 +46,7 @@ def _check_png(path: str) -> None:
 
 
 def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
-  """The cells of the markdown table whose header starts with ``header_start``."""
+  """The cells of the first markdown table whose header starts with ``header_start``."""
   lines = markdown.splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
   rows = []
@@ -64,66 +58,89 @@ def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------
-# The plan and the commands.
+# The plan, its gin and its commands.
 # ----------------------------------------------------------------------------
 
 
-def test_plan_seeds_objective_order_and_sweep_defaults():
-  plan = compare.build_plan(
-      ["loss_masking", "sld"], [0, 1],
-      [compare.parse_sweep("alpha=0.004,0.008"), compare.parse_sweep("temperature=1,2")],
-      sweep_seeds=[1, 3])
-  folders = list(dict.fromkeys(spec.run_dir for spec in plan))
-  assert folders == ["loss_masking/seed0", "loss_masking/seed1", "sld/seed0", "sld/seed1",
-                     "sweeps/sld_alpha_0.004/seed1", "sweeps/sld_alpha_0.004/seed3", "sld/seed3",
-                     "sweeps/sld_temperature_2/seed1", "sweeps/sld_temperature_2/seed3"]
-  # The defaults (alpha 0.008, T 1 from objectives/sld.gin) are the sld runs themselves.
-  defaults = [(s.sweep_param, s.sweep_value, s.run_dir) for s in plan
-              if s.group == "sweep" and not s.overrides]
-  assert defaults == [("alpha", 0.008, "sld/seed1"), ("alpha", 0.008, "sld/seed3"),
-                      ("temperature", 1.0, "sld/seed1"), ("temperature", 1.0, "sld/seed3")]
+def test_base_config_follows_the_released_recipe():
+  recipe = plan_lib.Recipe((plan_lib.DEFAULT_BASE,))
+  for method in plan_lib.DEFAULT_METHODS:
+    values = recipe.values(method)
+    assert gin_values.lookup(values, "lm.SpeechTextLM.time_mask_prob") == 0.3
+    assert gin_values.lookup(values, "TASK") == "sld_embedded_digits_whisper_compare"
+    assert "losses.LossConfig.kl_normalization" not in values   # the objective's default
+  assert gin_values.lookup(recipe.values("sld"), "losses.LossConfig.kl_target") == "paper"
+  assert gin_values.lookup(recipe.values("sld_reference"),
+                           "losses.LossConfig.kl_target") == "reference"
+  steps, every = recipe.schedule("sld")
+  assert steps >= 10 * every
+  assert len(comparison.parse_args([]).seeds) >= 5
+  from sld_jax.speech import embedded_corpus  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top
+  corpus = embedded_corpus.CONFIGS[tasks.EMBEDDED_TASKS[
+      "sld_embedded_digits_whisper_compare"].corpus]
+  assert corpus.num_test >= 2000 and corpus.num_dev >= 2000
+  train_voices = {v.id for v in embedded_corpus.split_voices("train", corpus)}
+  for split in ("dev", "test"):
+    assert not train_voices & {v.id for v in embedded_corpus.split_voices(split, corpus)}
 
-  recipe = compare.Recipe(("gin_configs/experiments/smoke.gin",), ("TRAIN_STEPS=7",),
-                          ("decoder_config.dropout_rate=0.0",), ("evaluate.max_batches=1",))
-  spec = next(s for s in plan if s.run_dir == "sweeps/sld_alpha_0.004/seed3")
-  train = recipe.train_command(spec, "/out/x")
+
+def test_plan_and_commands():
+  plan = plan_lib.build_plan(["sld", "loss_masking"], [0, 3])
+  assert [s.run_dir for s in plan] == ["sld/seed0", "sld/seed3", "loss_masking/seed0",
+                                       "loss_masking/seed3"]
+  recipe = plan_lib.Recipe(("gin_configs/experiments/smoke.gin",),
+                           tuple(plan_lib.check_bindings(["TRAIN_STEPS=7"], "--gin")),
+                           ("evaluate.max_batches = 1",), patience=2)
+  assert recipe.schedule("sld") == (7, 20)   # EVAL_EVERY from smoke.gin
+  train = recipe.train_command(plan[1], "/out/x", stop_after_steps=5)
   assert train[1:3] == ["-m", "sld_jax.train"]
   assert train[3:] == [
       "--gin_file=gin_configs/experiments/smoke.gin", "--gin_file=gin_configs/objectives/sld.gin",
-      "--gin.TRAIN_STEPS=7", "--gin.decoder_config.dropout_rate=0.0",
-      "--gin.losses.LossConfig.alpha=0.004", '--gin.MODEL_DIR="/out/x"', "--gin.SEED=3",
-      "--gin.DATA_SEED=3"]
-  evaluate = recipe.eval_command(spec, "/out/x")
+      "--gin_bindings=TRAIN_STEPS = 7", '--gin_bindings=MODEL_DIR = "/out/x"',
+      "--gin_bindings=SEED = 3", "--gin_bindings=DATA_SEED = 3",
+      "--gin_bindings=trainer.train.checkpoint_every = %EVAL_EVERY",
+      "--gin_bindings=trainer.train.keep_checkpoints = 4",
+      "--gin_bindings=trainer.train.stop_after_steps = 5"]
+  evaluate = recipe.eval_command(plan[1], "/out/x", step=40)
   assert evaluate[1:3] == ["-m", "sld_jax.eval"]
-  assert evaluate[-3:] == ['--gin.CHECKPOINT_PATH="/out/x"', '--gin.EVAL_OUTPUT_DIR="/out/x/eval"',
-                           "--gin.evaluate.max_batches=1"]
-  fixed = dataclasses.replace(recipe, fixed_data_seed=5).train_command(spec, "/out/x")
-  assert fixed[-2:] == ["--gin.SEED=3", "--gin.DATA_SEED=5"]
+  assert evaluate[-4:] == ['--gin_bindings=CHECKPOINT_PATH = "/out/x"',
+                           '--gin_bindings=EVAL_OUTPUT_DIR = "/out/x/eval"',
+                           "--gin_bindings=evaluate.steps = [40]",
+                           "--gin_bindings=evaluate.max_batches = 1"]
+  # The fingerprint of a run ignores the segment and the run folder.
+  assert plan_lib.fingerprint(recipe.train_command(plan[1], "/a/b"), "/a/b") == \
+      plan_lib.fingerprint(recipe.train_command(plan[1], "/c/d"), "/c/d")
 
-  # A --gin value of the objective moves the sweep's default.
-  moved = compare.build_plan([], [], [compare.parse_sweep("alpha=0.008,0.5")],
-                             bindings=["losses.LossConfig.alpha=0.5"])
-  assert [(s.sweep_value, s.run_dir) for s in moved] == [
-      (0.008, "sweeps/sld_alpha_0.008/seed0"), (0.5, "sld/seed0")]
+
+def test_gin_values_are_read_with_gin():
+  values = gin_values.parse_text(
+      "include 'gin_configs/objectives/sld.gin'\nX = 3\nY = %X\n"
+      "train_data/input_pipeline.SeqioSource.seed = %Y\nlosses.LossConfig.alpha = 0.5\n")
+  assert gin_values.lookup(values, "Y") == 3
+  assert gin_values.lookup(values, "losses.LossConfig.alpha") == 0.5        # later wins
+  assert gin_values.lookup(values, "losses.LossConfig.method") == "sld"     # included
+  assert values["train_data/input_pipeline.SeqioSource.seed"] == gin_values.Macro("Y")
+  operative = gin_values.parse_text("LossConfig.kl_target = 'reference'\n")
+  assert gin_values.lookup(operative, "losses.LossConfig.kl_target") == "reference"
+  with pytest.raises(ValueError, match=r"<gin text>: gin syntax error"):
+    gin_values.parse_text("X = = 3\n")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "sld", "nope"], r"unknown method 'nope': there is no "
                                    r"gin_configs/objectives/nope.gin; methods: \['loss_masking'"),
-    (["--sweep", "beta=1,2"], r"--sweep 'beta=1,2': want PARAM=V1,V2"),
-    (["--sweep", "alpha=0.1,x"], r"'x' is not a number"),
-    (["--sweep", "alpha=1", "--sweep_method", "loss_masking"],
-     r"does not set losses.LossConfig.alpha; sweep an SLD method"),
-    (["--gin.SEED=3"], r"--gin 'SEED=3': SEED is set by the script; use --seeds"),
-    (["--gin", "TRAIN_STEPS=3"], r"TRAIN_STEPS is set by the script; use --steps"),
-    (["--gin", "decoder_config.dropout_rate"], r"want NAME=VALUE"),
+    (["--gin.SEED=3"], r"--gin 'SEED = 3': SEED is set by the comparison; use --seeds"),
+    (["--gin.trainer.train.keep_checkpoints=3"], r"keep_checkpoints is set by the comparison"),
+    (["--gin_bindings", "decoder_config.dropout_rate"], r"want NAME=VALUE"),
     (["--base_gin", "no/such.gin"], r"gin file 'no/such.gin' not found"),
-    (["--seeds", "1", "1"], r"a seed is given twice"),
+    (["--seeds", "1", "1"], r"--seeds must be distinct"),
+    (["--gin.EVAL_EVERY=0"], r"EVAL_EVERY = 0 in .* a positive integer"),
 ])
 def test_bad_flags_fail_before_anything_runs(tmp_path, argv, message):
   with pytest.raises(SystemExit, match=message):
-    compare.main(["--out", str(tmp_path / "out"), *argv])
-  assert not os.path.exists(tmp_path / "out" / compare.PLAN_FILE)
+    comparison.main(["--out", str(tmp_path / "out"), *argv])
+  assert not os.path.exists(tmp_path / "out" / comparison.PLAN_FILE)
 
 
 # ----------------------------------------------------------------------------
@@ -132,9 +149,8 @@ def test_bad_flags_fail_before_anything_runs(tmp_path, argv, message):
 
 TINY = ["--gin.decoder_config.num_layers=1", "--gin.decoder_config.embed_dim=32",
         "--gin.decoder_config.mlp_dim=64", "--gin.decoder_config.num_heads=4",
-        "--warmup_steps", "0", "--gin.EVAL_BATCHES=1", "--gin.DecodingConfig.max_decode_length=8",
-        "--gin.trainer.train.log_every=1", "--gin.trainer.train.tensorboard=False",
-        "--eval_gin.evaluate.max_batches=1"]
+        "--gin.WARMUP_STEPS=0", "--gin.EVAL_BATCHES=1", "--gin.DecodingConfig.max_decode_length=8",
+        "--gin.trainer.train.log_every=1", "--gin.trainer.train.tensorboard=False"]
 
 
 def _script(out: str, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
@@ -142,89 +158,95 @@ def _script(out: str, env: dict[str, str], *flags: str) -> subprocess.CompletedP
                         capture_output=True, text=True, timeout=900)
 
 
-def test_real_comparison_resumes_and_reports(tmp_path):
+def test_real_comparison_stops_on_dev_wer_resumes_and_reports(tmp_path):
   out = str(tmp_path / "compare")
   env = tiny_train.subprocess_env(1, str(tmp_path / "jax_cache"))
-  base = ["--base_gin", "gin_configs/experiments/smoke.gin", "--methods", "loss_masking",
-          "--seeds", "1", "--steps", "3", "--eval_every", "2", *TINY]
-  # smoke.gin includes objectives/sld.gin: the method's objective must win.
-  # epsilon=5 is refused by LossConfig: that run fails, the other goes on.
-  first = _script(out, env, *base, "--sweep", "epsilon=5", "--sweep_method", "sld",
-                  "--sweep_seeds", "1")
-  assert first.returncode == 1, first.stdout + first.stderr[-3000:]
-  failed_log = os.path.join(out, "sweeps", "sld_epsilon_5", "seed1", "train.log")
-  assert "[1/2] loss_masking seed 1" in first.stdout
-  assert re.search(r"train: step 3/3 \(100%\) loss [\d.]+ \|.*\| all ETA", first.stdout)
-  assert "[2/2] sld epsilon=5 seed 1" in first.stdout
-  assert f"FAILED in training (exit 1); log: {failed_log}" in first.stdout
-  assert "epsilon must be in [0, 1], got 5.0" in open(failed_log).read()
-  assert "1 run(s) failed" in first.stdout
-
-  run_dir = os.path.join(out, "loss_masking", "seed1")
-  config = compare.operative_config(run_dir)
-  assert (config["LossConfig.method"], config["SEED"], config["DATA_SEED"],
-          config["TRAIN_STEPS"]) == ("loss_masking", 1, 1, 3)
-  train_rows = tiny_train.read_metrics(run_dir)
-  assert [r["step"] for r in train_rows] == [1, 2, 3]
-  assert train_rows[-1]["loss"] == pytest.approx(train_rows[-1]["ce_text"])   # text CE only
-  eval_rows = {r["split"]: r for r in tiny_train.read_metrics(run_dir, "eval/metrics.jsonl")}
-  assert sorted(eval_rows) == ["dev", "test"] and eval_rows["dev"]["step"] == 3
-  assert eval_rows["dev"]["num_utterances"] == 8     # --eval_gin: one batch of BATCH_SIZE
+  flags = ["--base_gin", "gin_configs/experiments/smoke.gin", "--methods", "multimodal_ce",
+           "loss_masking", "--seeds", "1", "--patience", "1", "--gin.TRAIN_STEPS=6",
+           "--gin.EVAL_EVERY=2", *TINY]
+  # smoke.gin includes objectives/sld.gin: each method's objective must win.
+  first = _script(out, env, *flags)
+  assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+  assert "[1/2] multimodal_ce seed 1" in first.stdout and "[2/2] loss_masking seed 1" in first.stdout
 
   results = json.load(open(os.path.join(out, "results.json")))
-  method = results["tasks"][SMOKE_TASK]["methods"]["loss_masking"]
-  for split in ("dev", "test"):
-    for metric in ("wer", "cer"):
-      summary = method["metrics"][split][metric]
-      assert summary["n"] == 1 and summary["values"] == [eval_rows[split][metric]]
-      assert summary["mean"] == pytest.approx(eval_rows[split][metric])
-  assert [s for s, _, _ in next(r for r in results["runs"] if r["run_dir"] ==
-                                "loss_masking/seed1")["dev_wer_during_training"]] == [2, 3]
+  test_split = f"{SMOKE_TASK}/test"
+  data = results["splits"][test_split]
+  for method in ("multimodal_ce", "loss_masking"):
+    run_dir = os.path.join(out, method, "seed1")
+    config = gin_values.operative_values(run_dir)
+    assert (config["LossConfig.method"], config["SEED"], config["DATA_SEED"],
+            config["SpeechTextLM.time_mask_prob"]) == (method, 1, 1, 0.3)
+    # Training stopped at the first evaluation where the rule says so: step 4
+    # (one segment) if step 4 did not improve on step 2, else step 6 (two).
+    curve = stopping.dev_curve(run_files.read_jsonl(os.path.join(run_dir,
+                                                                 "eval_metrics.jsonl")))
+    state = runner.read_state(run_dir)
+    stopped = state["stopped_at"]
+    assert [step for step, _ in curve] == list(range(2, stopped + 1, 2))
+    assert stopped == (4 if curve[1][1] >= curve[0][1] else 6)
+    assert [r["step"] for r in tiny_train.read_metrics(run_dir)] == list(range(1, stopped + 1))
+    best = min(curve, key=lambda p: (p[1], p[0]))
+    assert (state["status"], state["selected_step"], state["best_dev_wer"]) == (
+        "done", best[0], best[1])
+    # The report's per-utterance errors are those of predictions.jsonl, and
+    # they add up to the WER sld_jax.eval wrote.
+    errors = run_files.per_utterance_errors(run_dir, best[0], SMOKE_TASK, "test")
+    assert len(errors) == 30 == len(data["ids"])
+    assert data["errors"][method]["1"] == [errors[i][0] for i in data["ids"]]
+    assert data["word_count"] == [errors[i][1] for i in data["ids"]]
+    row = run_files.scored_splits(run_dir, best[0])[(SMOKE_TASK, "test")]
+    assert data["methods"][method]["wer"][0] == pytest.approx(row["wer"])
+  pair = data["pairs"][0]
+  assert (pair["a"], pair["b"]) == ("multimodal_ce", "loss_masking")   # MCE - LM
+  words = np.asarray(data["word_count"])
+  mce = np.asarray([data["errors"]["multimodal_ce"]["1"]])
+  lm = np.asarray([data["errors"]["loss_masking"]["1"]])
+  expected = statistics.paired_bootstrap(mce, lm, words, seed=0)
+  assert pair["difference"] == pytest.approx(expected.to_json())
   markdown = open(os.path.join(out, "results.md")).read()
-  rows = _table_rows(markdown, "| method | seeds |")
-  assert rows == [["loss_masking", "1", f"{eval_rows['dev']['wer']:.2f}",
-                   f"{eval_rows['test']['wer']:.2f}", f"{eval_rows['dev']['cer']:.2f}",
-                   f"{eval_rows['test']['cer']:.2f}"]]
-  assert "--sweep epsilon=5" in markdown   # the command line
-  assert f"failed in training; log: `{failed_log}`" in markdown
-  for name in ("training_curves.png", "wer_per_method.png"):
-    _check_png(os.path.join(out, name))
+  assert pair["conclusion"] in markdown
+  assert _table_rows(markdown, "| difference (points)")[0][:3] == [
+      "Multimodal CE − Loss Masking", "1",
+      f"{expected.estimate:+.2f} [{expected.low:+.2f}, {expected.high:+.2f}]"]
+  for name in FIGURES:
+    _check_png(os.path.join(out, "results", name))
 
-  # Resumed without the failing sweep: nothing is trained or scored again.
-  logs = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in ("train.log",
-                                                                           "eval.log")}
-  second = _script(out, env, *base)
+  # Resumed: nothing is trained or scored again.
+  logs = {path: os.path.getmtime(path) for path in (
+      os.path.join(out, "loss_masking", "seed1", "train.log"),
+      os.path.join(out, "loss_masking", "seed1", "eval.log"))}
+  second = _script(out, env, *flags)
   assert second.returncode == 0, second.stdout + second.stderr[-3000:]
-  assert "1 already done, 0 to run" in second.stdout and "[1/" not in second.stdout
-  assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in logs} == logs
+  assert "2 already done, 0 to run" in second.stdout and "[1/" not in second.stdout
+  assert {path: os.path.getmtime(path) for path in logs} == logs
 
-  # Another budget in the same folder is refused before anything runs.
-  other = _script(out, env, *[f if f != "3" else "4" for f in base])
+  # Another training command in the same folders is refused before anything runs.
+  other = _script(out, env, *[f if f != "--gin.TRAIN_STEPS=6" else "--gin.TRAIN_STEPS=8"
+                              for f in flags])
   assert other.returncode != 0
   assert "was trained with another command" in other.stderr
-  assert "was: --gin.TRAIN_STEPS=3" in other.stderr
+  assert "was: --gin_bindings=TRAIN_STEPS = 6" in other.stderr
 
-  os.remove(os.path.join(out, "results.md"))
-  os.remove(os.path.join(out, "wer_per_method.png"))
-  rebuilt = _script(out, env, "--report_only")
+  published = str(tmp_path / "docs")
+  rebuilt = _script(out, env, "--report_only", "--publish", published)
   assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
-  assert _table_rows(open(os.path.join(out, "results.md")).read(), "| method | seeds |") == rows
-  _check_png(os.path.join(out, "wer_per_method.png"))
+  again = json.load(open(os.path.join(published, "results.json")))
+  assert again["splits"][test_split]["pairs"] == data["pairs"]
+  assert pair["conclusion"] in open(os.path.join(published, "results.md")).read()
+  for name in FIGURES:
+    _check_png(os.path.join(published, "results", name))
 
 
 # ----------------------------------------------------------------------------
-# Statistics and report on fabricated runs (2 methods x 2 seeds, a sweep).
+# The report on fabricated runs: 3 methods x 5 seeds with known errors.
 # ----------------------------------------------------------------------------
 
 TASK = "fake_task"
-# (method folder, seed) -> split -> (wer, cer) at the final step 20.
-FINAL = {
-    ("loss_masking/seed0", 0): {"dev": (20.0, 10.0), "test": (24.0, 12.0)},
-    ("loss_masking/seed1", 1): {"dev": (22.0, 11.0), "test": (27.0, 13.5)},
-    ("sld/seed0", 0): {"dev": (15.0, 7.0), "test": (18.0, 9.0)},
-    ("sld/seed1", 1): {"dev": (16.5, 8.0), "test": (17.0, 8.5)},
-    ("sweeps/sld_alpha_0.016/seed0", 0): {"dev": (14.0, 6.5), "test": (16.0, 7.5)},
-}
+SEEDS = (0, 1, 2, 3, 4)
+UTTERANCES = 300
+# Per-utterance error rate of each method: SLD clearly below MCE, MCE = LM.
+RATES = {"sld": 0.05, "multimodal_ce": 0.15, "loss_masking": 0.15}
 
 
 def _write_jsonl(path: str, rows) -> None:
@@ -234,93 +256,99 @@ def _write_jsonl(path: str, rows) -> None:
       f.write(json.dumps(row) + "\n")
 
 
-def _fabricate_run(out: str, run_dir: str, seed: int, method: str, splits) -> None:
-  path = os.path.join(out, run_dir)
-  rows = []
-  for split, (wer, cer) in splits.items():
-    # An older step and a first scoring that a rescoring replaced: both ignored.
-    rows.append({"step": 10, "task": TASK, "split": split, "wer": 99.0, "cer": 99.0,
-                 "num_utterances": 50})
-    rows.append({"step": 20, "task": TASK, "split": split, "wer": 98.0, "cer": 98.0,
-                 "num_utterances": 50})
-  rows += [{"step": 20, "task": TASK, "split": split, "wer": wer, "cer": cer,
-            "num_utterances": 50} for split, (wer, cer) in splits.items()]
-  _write_jsonl(os.path.join(path, "eval", "metrics.jsonl"), rows)
-  _write_jsonl(os.path.join(path, "metrics.jsonl"), [
-      {"step": step, "loss": 5.0 - step / 10 + seed, "ce_text": 3.0 - step / 20,
-       "ce_speech": 2.0, "kl_speech": 1.0 + seed, "step_time": 1.5} for step in (5, 10, 15, 20)])
-  _write_jsonl(os.path.join(path, "eval_metrics.jsonl"), [
-      {"step": 10, "dev/wer": 40.0 + seed, "dev/loss": 2.0},
-      {"step": 20, "dev/wer": splits["dev"][0] + 1, "dev/loss": 1.5}])
-  with open(os.path.join(path, "config.gin"), "w") as f:
-    f.write(f"BATCH_SIZE = 16\nDATA_SEED = {seed}\nLEARNING_RATE = 0.001\nSEED = {seed}\n"
-            f"SEQUENCE_LENGTH = 256\nTASK = '{TASK}'\nTRAIN_STEPS = 20\nWARMUP_STEPS = 2\n"
-            f"# Parameters for LossConfig:\nLossConfig.alpha = 0.008\n"
-            f"LossConfig.method = '{method}'\n")
-  compare.write_state(path, {"status": "done", "train_done": True, "train_seconds": 30.0,
-                             "eval_seconds": 5.0})
+def _fabricate(out: str, method: str, seed: int, words: np.ndarray, errors: np.ndarray,
+               ids: list[str]) -> None:
+  run_dir = os.path.join(out, method, f"seed{seed}")
+  step = 100 + 10 * seed
+  _write_jsonl(os.path.join(run_dir, "eval", f"step_{step}", TASK, "test", "predictions.jsonl"),
+               [{"id": i, "word_errors": int(e), "word_count": int(w)}
+                for i, e, w in zip(ids, errors, words)])
+  wer = 100.0 * errors.sum() / words.sum()
+  _write_jsonl(os.path.join(run_dir, "eval", "metrics.jsonl"), [
+      {"step": step, "task": TASK, "split": "test", "wer": wer, "cer": wer / 2}])
+  _write_jsonl(os.path.join(run_dir, "eval_metrics.jsonl"),
+               [{"step": 50, "dev/wer": 80.0}, {"step": step, "dev/wer": wer}])
+  _write_jsonl(os.path.join(run_dir, "metrics.jsonl"),
+               [{"step": s, "loss": 1.0, "step_time": 0.5} for s in (50, step)])
+  with open(os.path.join(run_dir, "config.gin"), "w") as f:
+    f.write(f"SEED = {seed}\nDATA_SEED = {seed}\nTASK = '{TASK}'\nTRAIN_STEPS = 500\n"
+            f"LossConfig.method = '{method}'\nLossConfig.kl_target = 'paper'\n"
+            "SpeechTextLM.time_mask_prob = 0.3\n")
+  runner.write_state(run_dir, {"status": "done", "selected_step": step, "best_dev_wer": wer,
+                               "stop_reason": "fabricated", "train_seconds": 10.0,
+                               "eval_seconds": 2.0, "patience": 3})
 
 
-def test_statistics_tables_and_plots_from_run_folders(tmp_path):
+def test_report_intervals_and_conclusions_on_fabricated_runs(tmp_path):
   out = str(tmp_path / "compare")
-  plan = compare.build_plan(["loss_masking", "sld"], [0, 1],
-                            [compare.parse_sweep("alpha=0.008,0.016,0.032")], sweep_seeds=[0])
-  for (run_dir, seed), splits in FINAL.items():
-    _fabricate_run(out, run_dir, seed, run_dir.split("/")[0].split("_alpha")[0], splits)
-  # The alpha=0.032 point failed in training.
-  compare.write_state(os.path.join(out, "sweeps", "sld_alpha_0.032", "seed0"), {
-      "status": "failed", "failed_stage": "training", "log": "/somewhere/train.log"})
-  compare.save_plan(out, plan, [{"command": "python scripts/compare_objectives.py --x",
-                                 "time": "then"}])
-  assert compare.main(["--out", out, "--report_only"]) == 0
+  rng = np.random.default_rng(0)
+  words = rng.integers(2, 8, UTTERANCES)
+  ids = [f"test-{i}" for i in range(UTTERANCES)]
+  errors = {m: np.stack([rng.binomial(words, rate) for _ in SEEDS]) for m, rate in RATES.items()}
+  methods = ["loss_masking", "multimodal_ce", "sld"]   # the report orders them SLD, MCE, LM
+  for method in methods:
+    for seed in SEEDS:
+      _fabricate(out, method, seed, words, errors[method][seed], ids)
+  comparison.save_plan(out, plan_lib.build_plan(methods, list(SEEDS)),
+                       [{"command": "python -m sld_jax.comparison --x", "time": "then"}])
+  assert comparison.main(["--out", out, "--report_only"]) == 0
   results = json.load(open(os.path.join(out, "results.json")))
   markdown = open(os.path.join(out, "results.md")).read()
+  data = results["splits"][f"{TASK}/test"]
+  assert results["methods"] == ["sld", "multimodal_ce", "loss_masking"]
+  assert [(p["a"], p["b"]) for p in data["pairs"]] == [
+      ("sld", "multimodal_ce"), ("sld", "loss_masking"), ("multimodal_ce", "loss_masking")]
+  # The report orders utterances by id.
+  order = [ids.index(i) for i in data["ids"]]
+  assert sorted(order) == list(range(UTTERANCES))
+  assert data["word_count"] == words[order].tolist()
+  verdicts = {}
+  for pair in data["pairs"]:
+    a, b = errors[pair["a"]][:, order], errors[pair["b"]][:, order]
+    assert pair["difference"] == pytest.approx(
+        statistics.paired_bootstrap(a, b, words[order], seed=0).to_json())
+    assert pair["seed_and_utterance"] == pytest.approx(
+        statistics.seed_and_utterance_bootstrap(a, b, words[order], seed=0).to_json())
+    sign = statistics.sign_test(a, b, words)
+    assert pair["sign_test"]["p_value"] == pytest.approx(sign.p_value)
+    per_seed = [100 * (a[s].sum() - b[s].sum()) / words.sum() for s in SEEDS]
+    np.testing.assert_allclose(list(pair["per_seed"].values()), per_seed)
+    verdicts[(pair["a"], pair["b"])] = pair["verdict"]
+    assert f"- {pair['conclusion']}" in markdown
+  # SLD's 10-point lower error rate is found; MCE vs LM (same rate) is not.
+  assert verdicts[("sld", "multimodal_ce")] == "lower"
+  assert verdicts[("multimodal_ce", "loss_masking")] == "no difference"
+  sld_vs_mce = data["pairs"][0]
+  assert sld_vs_mce["conclusion"].startswith("SLD (paper KL target) has a lower WER than "
+                                             "Multimodal CE")
+  assert data["pairs"][2]["conclusion"].startswith(
+      "No difference between Multimodal CE and Loss Masking is detected")
+  rows = _table_rows(markdown, "| method | seeds | pooled WER")
+  assert [row[:2] for row in rows] == [["SLD (paper KL target)", "5"], ["Multimodal CE", "5"],
+                                       ["Loss Masking", "5"]]
+  pooled = 100 * errors["sld"].sum() / (len(SEEDS) * words.sum())
+  assert rows[0][2].startswith(f"{pooled:.2f} [")
+  for name in FIGURES:
+    _check_png(os.path.join(out, "results", name))
 
-  # Means and spreads are those of the per-seed values read from each run.
-  rows = _table_rows(markdown, "| method | seeds |")
-  assert [row[:2] for row in rows] == [["loss_masking", "2"], ["sld", "2"]]
-  for row, method in zip(rows, ("loss_masking", "sld")):
-    for column, (split, index) in enumerate([("dev", 0), ("test", 0), ("dev", 1), ("test", 1)]):
-      values = [FINAL[key][split][index] for key in FINAL if key[0].startswith(f"{method}/")]
-      summary = results["tasks"][TASK]["methods"][method]["metrics"][split][
-          ("wer", "cer")[index]]
-      assert summary["values"] == values
-      assert summary["mean"] == pytest.approx(np.mean(values))
-      assert summary["std"] == pytest.approx(statistics.stdev(values))
-      assert row[2 + column] == (f"{np.mean(values):.2f} ± {statistics.stdev(values):.2f} "
-                                 f"({min(values):.2f}–{max(values):.2f})")
-  per_seed = _table_rows(markdown, "| method | seed |")
-  assert [r[:3] for r in per_seed] == [["loss_masking", "0", "20.00"],
-                                       ["loss_masking", "1", "22.00"],
-                                       ["sld", "0", "15.00"], ["sld", "1", "16.50"]]
-  assert per_seed[0][6:8] == ["3.0000", "10: 40.0, 20: 21.0"]   # final loss, in-training WER
-  assert "step 20; utterances scored: dev 50, test 50" in markdown
-
-  # Sweep: alpha 0.008 is the sld run of seed 0, 0.032 has no finished run.
-  sweep = _table_rows(markdown, "| alpha | seeds |")
-  assert sweep == [["0.008 (default)", "1", "15.00", "18.00", "7.00", "9.00"],
-                   ["0.016", "1", "14.00", "16.00", "6.50", "7.50"],
-                   ["0.032", "0", "–", "–", "–", "–"]]
-  assert ("`sweeps/sld_alpha_0.032/seed0` (sld alpha=0.032, seed 0): failed in training; "
-          "log: `/somewhere/train.log`") in markdown
-
-  # Training curves: mean and min-max over seeds at the common steps.
-  loss = results["curves"]["loss_masking"]["loss"]
-  assert loss["steps"] == [5, 10, 15, 20] and loss["n"] == 2
-  np.testing.assert_allclose(loss["mean"], [5.0, 4.5, 4.0, 3.5])
-  np.testing.assert_allclose(loss["max"], [5.5, 5.0, 4.5, 4.0])
-  assert results["same_budget"] and results["budgets"][0]["TRAIN_STEPS"] == 20
-  assert "python scripts/compare_objectives.py --x" in markdown
-  for name in ("training_curves.png", "wer_per_method.png", "sweeps.png"):
-    _check_png(os.path.join(out, name))
+  # A run that scored other utterances is an error naming it, never a silent drop.
+  short = os.path.join(out, "loss_masking", "seed3", "eval", "step_130", TASK, "test",
+                       "predictions.jsonl")
+  lines = open(short).readlines()
+  with open(short, "w") as f:
+    f.writelines(lines[:-1])
+  with pytest.raises(ValueError, match=r"loss_masking/seed3 scored other utterances of "
+                                       r"fake_task/test than .*: 0 ids only in it.*1 only in"):
+    comparison.main(["--out", out, "--report_only"])
 
 
-def test_bad_metrics_lines_name_the_file(tmp_path):
-  _write_jsonl(str(tmp_path / "run" / "eval" / "metrics.jsonl"), [{"step": 1, "split": "dev",
-                                                                    "wer": 1.0}])
-  with pytest.raises(ValueError, match=r"eval/metrics.jsonl:1: no 'cer' field"):
-    compare.final_eval_rows(str(tmp_path / "run"))
-  with open(tmp_path / "run" / "metrics.jsonl", "w") as f:
-    f.write('{"step": 1}\n{"step": 2,\n')
-  with pytest.raises(ValueError, match=r"run/metrics.jsonl:2: not a JSON line"):
-    compare.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
+  out = tmp_path / "out"
+  assert comparison.main(["--out", str(out), "--dry_run"]) == 0
+  printed = capsys.readouterr().out
+  for method in plan_lib.DEFAULT_METHODS:
+    for seed in range(5):
+      assert f"# {method} seed {seed} -> {out}/{method}/seed{seed}:" in printed
+  assert "--gin_file=gin_configs/objectives/sld_reference.gin" in printed
+  assert "'--gin_bindings=trainer.train.stop_after_steps = 1000'" in printed  # (3 + 1) x 250
+  assert not out.exists()

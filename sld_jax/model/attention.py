@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from sld_jax.model import layers
 from sld_jax.model import masks
+from sld_jax.model import splash
 from sld_jax.model.config import DecoderConfig
 
 Array = jnp.ndarray
@@ -78,7 +79,9 @@ class SelfAttention(nn.Module):
     Args:
       x: normalised residual stream.
       mask: boolean ``[B|1, 1, L, L]`` (modes "full"/"prefill"); ignored in
-        "decode", where the mask comes from ``cache_index``.
+        "decode", where the mask comes from ``cache_index``. With
+        ``attention_implementation="splash"``: the int segment ids ``[B, L]``
+        instead (splash makes the causal mask itself).
       positions: ``[B, L]`` positions, used for RoPE.
       cache_index: ``[B]`` slot of the new token (mode "decode").
       prefill_lengths: ``[B]`` real prompt lengths (mode "prefill").
@@ -118,6 +121,8 @@ class SelfAttention(nn.Module):
 
     if self.mode == "decode" and mask is not None and query.shape[1] == 1:
       out = self._attend_one(query, key, value, mask)
+    elif self.mode != "decode" and cfg.attention_implementation != "einsum":
+      out = self._attend_fused(query, key, value, mask)
     else:
       out = self._attend(query, key, value, mask)
     if overflow is not None:
@@ -180,7 +185,7 @@ class SelfAttention(nn.Module):
     scores = scores / math.sqrt(cfg.head_dim)
     scores = jnp.where(mask[:, 0, 0, :, None], scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=1)
-    probs = nn.Dropout(rate=cfg.dropout_rate)(probs, deterministic=self.deterministic)
+    probs = nn.Dropout(rate=cfg.attention_dropout)(probs, deterministic=self.deterministic)
     out = jnp.sum(probs[..., None] * value.astype(jnp.float32), axis=1, keepdims=True)
     return nn.with_logical_constraint(out.astype(cfg.compute_dtype), HEAD_ACTIVATION_AXES)
 
@@ -200,6 +205,26 @@ class SelfAttention(nn.Module):
     if mask is not None:
       scores = jnp.where(mask, scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(rate=cfg.dropout_rate)(probs, deterministic=self.deterministic)
+    probs = nn.Dropout(rate=cfg.attention_dropout)(probs, deterministic=self.deterministic)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(cfg.compute_dtype), value)
     return nn.with_logical_constraint(jnp.swapaxes(out, 1, 2), HEAD_ACTIVATION_AXES)
+
+  def _attend_fused(self, query, key, value, mask):
+    """``_attend`` through ``jax.nn.dot_product_attention`` (no dropout).
+
+    ``[B, L, H, D]`` in and out, the layout that function takes, so no
+    transposes; ``mask [B|1, 1, L, L]`` (causal and same-segment) is passed
+    as is. With ``attention_implementation="cudnn"`` this is cuDNN's flash
+    attention: scores are computed block by block in float32 and never
+    stored, forward or backward. ``"xla"`` is the same function's portable
+    path (what CPU tests compare against ``_attend``).
+    """
+    cfg = self.config
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    if cfg.attention_implementation == "splash":
+      out = splash.splash_attention(query, key, value, mask, scale)
+    else:
+      implementation = "cudnn" if cfg.attention_implementation == "cudnn" else "xla"
+      out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
+                                         implementation=implementation)
+    return nn.with_logical_constraint(out.astype(cfg.compute_dtype), HEAD_ACTIVATION_AXES)

@@ -17,6 +17,13 @@ _NORMS = ("layernorm", "rmsnorm")
 _POSITIONS = ("learned", "rope")
 _MLPS = ("gelu", "swiglu")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "einsum": attention written out (scores [B, H, L, L] in float32), with
+# attention dropout. "xla" / "cudnn": ``jax.nn.dot_product_attention`` with the
+# packed causal mask; "cudnn" is cuDNN's fused flash attention (GPU only, no
+# [L, L] score tensor in memory). "splash": Pallas splash attention with
+# segment ids (TPU; interpret mode elsewhere, ``model/splash.py``). The fused
+# ones take no attention dropout.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +41,8 @@ class DecoderConfig:
   mlp_dim: int = 512
   max_length: int = 1024
   dropout_rate: float = 0.1
+  attention_dropout_rate: Optional[float] = None   # None: dropout_rate
+  attention_implementation: str = "einsum"
   norm: str = "layernorm"
   position: str = "learned"
   mlp: str = "gelu"
@@ -54,11 +63,23 @@ class DecoderConfig:
           f"DecoderConfig.position must be one of {_POSITIONS}, got {self.position!r}")
     if self.mlp not in _MLPS:
       raise ValueError(f"DecoderConfig.mlp must be one of {_MLPS}, got {self.mlp!r}")
-    for field in ("dtype", "param_dtype"):
+    for field in ("dtype", "param_dtype", "logits_via_embedding_dtype"):
+      if field == "logits_via_embedding_dtype" and self.logits_via_embedding_dtype is None:
+        continue
       if getattr(self, field) not in _DTYPES:
         raise ValueError(
             f"DecoderConfig.{field} must be one of {tuple(_DTYPES)}, "
             f"got {getattr(self, field)!r}")
+    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+          f"DecoderConfig.attention_implementation must be one of "
+          f"{ATTENTION_IMPLEMENTATIONS}, got {self.attention_implementation!r}")
+    if self.attention_implementation != "einsum" and self.attention_dropout > 0:
+      raise ValueError(
+          f"DecoderConfig.attention_implementation={self.attention_implementation!r} "
+          f"has no attention dropout, but the attention dropout rate is "
+          f"{self.attention_dropout} (attention_dropout_rate, else dropout_rate); "
+          "set attention_dropout_rate=0.0 or use attention_implementation='einsum'")
     if self.embed_dim % self.num_heads:
       raise ValueError(
           f"DecoderConfig.embed_dim={self.embed_dim} is not divisible by "
@@ -69,12 +90,24 @@ class DecoderConfig:
     return self.embed_dim // self.num_heads
 
   @property
+  def attention_dropout(self) -> float:
+    """Dropout on attention probabilities (``dropout_rate`` unless overridden)."""
+    if self.attention_dropout_rate is None:
+      return self.dropout_rate
+    return self.attention_dropout_rate
+
+  @property
   def compute_dtype(self):
     return _DTYPES[self.dtype]
 
   @property
   def params_dtype(self):
     return _DTYPES[self.param_dtype]
+
+  @property
+  def logits_dtype(self):
+    """The output projection's dtype (``logits_via_embedding_dtype``, else float32)."""
+    return _DTYPES[self.logits_via_embedding_dtype or "float32"]
 
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)

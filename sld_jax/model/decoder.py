@@ -51,7 +51,7 @@ of different lengths need no left-padding because the cache keeps a per-row
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -68,7 +68,6 @@ Params = Any
 Cache = Any
 
 LOGITS_AXES = ("batch", "length", "vocab")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class DecoderLayer(nn.Module):
@@ -110,7 +109,8 @@ class Decoder(nn.Module):
                decode: bool = False,
                prefill: bool = False,
                prefill_lengths: Optional[Array] = None,
-               logits_positions: Optional[Array] = None) -> Array:
+               logits_positions: Optional[Array] = None,
+               return_hidden: bool = False) -> Array:
     """Returns float32 logits ``[B, L, V]`` (``[B, 1, V]`` with ``logits_positions``).
 
     Args:
@@ -134,6 +134,9 @@ class Decoder(nn.Module):
         ``logits[0, 2]`` and ``logits[1, 0]``, at ``1/L`` of the projection's
         cost (``[B, L, E] x [E, V]`` is most of a prompt pass's FLOPs when
         V is large).
+      return_hidden: return the final-norm outputs ``[B, L, E]`` instead of
+        the logits, for a loss that projects them itself in chunks
+        (``losses.compute_loss_chunked`` with ``vocab_projection``).
     """
     cfg = self.config
     tokens = decoder_input_tokens
@@ -175,7 +178,14 @@ class Decoder(nn.Module):
 
     if decoder_positions is None:
       decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-    mask = None if decoding else masks.decoder_attention_mask(length, decoder_segment_ids)
+    if decoding:
+      mask = None
+    elif cfg.attention_implementation == "splash":
+      # Splash builds the causal mask block-sparsely; it takes the segments.
+      mask = (jnp.ones(tokens.shape, jnp.int32) if decoder_segment_ids is None
+              else decoder_segment_ids)
+    else:
+      mask = masks.decoder_attention_mask(length, decoder_segment_ids)
 
     token_embedder = layers.Embed(cfg.vocab_size, cfg.embed_dim, ("vocab", "embed"),
                                   dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
@@ -201,7 +211,9 @@ class Decoder(nn.Module):
             f"logits_positions must be [batch] = ({batch},), got {logits_positions.shape}")
       x = jnp.take_along_axis(x, logits_positions[:, None, None], axis=1)
     x = layers.make_norm(cfg, "final_norm")(x)
-    logits_dtype = _logits_dtype(cfg)
+    if return_hidden and not self.is_initializing():
+      return nn.with_logical_constraint(x, layers.EMBED_ACTIVATION_AXES)
+    logits_dtype = cfg.logits_dtype
     if cfg.tie_embeddings:
       logits = token_embedder.attend(x, dtype=logits_dtype)
     else:
@@ -238,17 +250,26 @@ class Decoder(nn.Module):
     return run
 
 
-def _logits_dtype(config: DecoderConfig):
-  name = config.logits_via_embedding_dtype or "float32"
-  if name not in _DTYPES:
-    raise ValueError(
-        f"DecoderConfig.logits_via_embedding_dtype must be None or one of "
-        f"{tuple(_DTYPES)}, got {name!r}")
-  return _DTYPES[name]
+def vocab_projection(config: DecoderConfig, params: Params, num_rows: int
+                     ) -> Callable[[Array], Array]:
+  """The output layer for the first ``num_rows`` vocabulary ids, as a function.
 
+  ``h [..., E] -> float32 logits [..., num_rows]``, the same product as the
+  decoder's own last step (tied embedding or ``logits_dense``, in
+  ``logits_via_embedding_dtype``) restricted to ids ``[0, num_rows)``, e.g.
+  ``layout.real_size`` to leave the rounding ids out. ``params`` unboxed.
+  """
+  if config.tie_embeddings:
+    table = params["token_embedder"]["embedding"][:num_rows]           # [n, E]
+  else:
+    table = jnp.swapaxes(params["logits_dense"]["kernel"][:, :num_rows], 0, 1)
+  dtype = config.logits_dtype
 
-def build_model(config: DecoderConfig) -> Decoder:
-  return Decoder(config)
+  def project(hidden: Array) -> Array:
+    logits = jnp.einsum("...e,ve->...v", hidden.astype(dtype), table.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, LOGITS_AXES[-logits.ndim:])
+  return project
 
 
 def _as_model(config_or_model: Union[DecoderConfig, Decoder]) -> Decoder:

@@ -7,13 +7,17 @@ Waveforms are float32 numpy arrays in [-1, 1]: ``[samples]`` for mono,
   load_audio("a.raw", raw_sample_rate=8000) -> 16-bit LE PCM, resampled to 16 kHz
   speed_perturb(x, 0.9)                     -> len(x) / 0.9 samples, pitch lower
 
-Any file that cannot be read raises ``AudioError`` naming the file.
+Any file that cannot be read raises ``AudioError`` naming the file, and so
+does a truncated one: a WAV whose ``data`` chunk header promises more bytes
+than the file holds (libsndfile would quietly read the part that is there),
+or a FLAC that decodes to fewer samples than its STREAMINFO header says.
 """
 
 from __future__ import annotations
 
 import fractions
 import os
+import struct
 
 import numpy as np
 from scipy import signal
@@ -25,6 +29,51 @@ RAW_EXTENSIONS = (".raw", ".pcm")
 
 class AudioError(ValueError):
   """An audio file is missing, unreadable, corrupt or empty."""
+
+
+_STREAMING_SIZES = (0, 0xFFFFFFFF)  # data size unknown when the WAV was written
+
+
+def check_wav_size(path: str) -> None:
+  """Raises ``AudioError`` if a RIFF/WAVE file is shorter than its header says.
+
+  Walks the chunks: ``RIFF <size> WAVE`` then ``<id> <size> <payload>``...
+  until ``data``; its declared size must fit in the bytes that follow. Files
+  written to a pipe (size 0 or 0xFFFFFFFF) cannot be checked and pass.
+  """
+  file_size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    header = f.read(12)
+    if len(header) < 12 or header[:4] not in (b"RIFF", b"RIFX") or header[8:12] != b"WAVE":
+      return
+    order = "<" if header[:4] == b"RIFF" else ">"
+    offset = 12
+    while offset + 8 <= file_size:
+      f.seek(offset)
+      chunk_id, size = struct.unpack(order + "4sI", f.read(8))
+      if chunk_id == b"data":
+        available = file_size - offset - 8
+        if size not in _STREAMING_SIZES and size > available:
+          raise AudioError(
+              f"audio file {path} is truncated: its WAV header promises {size} bytes of "
+              f"audio data but the file holds {available} ({available / size:.0%})")
+        return
+      offset += 8 + size + (size & 1)
+    raise AudioError(f"audio file {path} is truncated: no complete 'data' chunk after its "
+                     "WAV header")
+
+
+def _check_complete(path: str, decoded_frames: int) -> None:
+  """A FLAC (or other format with a length header) that decodes short is truncated."""
+  if path.lower().endswith(".wav"):
+    return
+  try:
+    declared = sf.info(path).frames
+  except (sf.LibsndfileError, RuntimeError, TypeError):
+    return
+  if 0 < decoded_frames < declared:
+    raise AudioError(f"audio file {path} is truncated: its header declares {declared} "
+                     f"samples but only {decoded_frames} could be decoded")
 
 
 def read_audio(path: str | os.PathLike, *, raw_sample_rate: int | None = None,
@@ -55,10 +104,12 @@ def read_audio(path: str | os.PathLike, *, raw_sample_rate: int | None = None,
       waveform = waveform[:, 0]
     sample_rate = int(raw_sample_rate)
   else:
+    check_wav_size(path)
     try:
       waveform, sample_rate = sf.read(path, dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
       raise AudioError(f"cannot read audio file {path}: {e}") from e
+    _check_complete(path, waveform.shape[0])
   if waveform.shape[0] == 0:
     raise AudioError(f"audio file {path} has no samples")
   if not np.all(np.isfinite(waveform)):
@@ -71,6 +122,7 @@ def audio_info(path: str | os.PathLike) -> tuple[int, float]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise AudioError(f"audio file not found: {path}")
+  check_wav_size(path)
   try:
     info = sf.info(path)
   except (sf.LibsndfileError, RuntimeError, TypeError) as e:

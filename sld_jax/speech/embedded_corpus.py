@@ -140,10 +140,14 @@ def _config(name, domain, sizes, **kwargs):
 
 SMOKE_SIZES = (150, 30, 30)
 DEFAULT_SIZES = (6000, 300, 300)
+# The objective comparison's corpus (sld_jax.comparison): the default train
+# set with dev and test large enough to resolve a 1-point WER difference.
+COMPARE_SIZES = (6000, 2000, 2000)
 CONFIGS = {
     c.name: c for c in (
         _config("digits_smoke", "digits", SMOKE_SIZES),
         _config("digits_default", "digits", DEFAULT_SIZES),
+        _config("digits_compare", "digits", COMPARE_SIZES),
         _config("sentences_smoke", "sentences", SMOKE_SIZES),
         _config("sentences_default", "sentences", DEFAULT_SIZES),
     )

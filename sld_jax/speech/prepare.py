@@ -22,16 +22,34 @@ k-means; imported ``.npy`` features skip extraction only.
 
 Idempotent and resumable: every output is written to a temporary name and
 renamed, then a ``*.done`` file is written last. A rerun skips finished
-stages and splits and redoes an interrupted one from scratch. A directory
-made with different options is refused (``PrepareError``), never mixed. A
-file lock serialises concurrent ``prepare`` calls on one directory.
+stages and splits and redoes an interrupted one from scratch. A file lock
+serialises concurrent ``prepare`` calls on one directory.
+
+What was prepared from what is recorded in ``options.json``: the options,
+the corpus description, ``on_error`` and, for utterances read from files, an
+``input_sha256`` over every utterance (id, transcript, speaker, file path
+and size, units), so a manifest whose transcripts changed is noticed. A
+*finished* directory made from other options or input is refused
+(``PrepareError`` naming what differs), never mixed or silently kept; an
+*unfinished* one (a run that failed or was interrupted) made from other
+options or input is cleared and prepared again, so a failed stage never
+blocks or poisons the rerun after a fix.
+
+``on_error="skip"`` leaves out utterances that cannot be used (a transcript
+that normalises to nothing, unreadable or truncated audio, audio shorter than
+one feature frame, NaN/Inf samples, bad units), logged and counted per reason
+in ``metadata.json`` (``skipped``); a split left with nothing is one
+``PrepareError`` saying so. With ``"raise"`` (default) the first one stops.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +86,34 @@ UtteranceSource = corpus_sources.UtteranceSource
 
 class PrepareError(ValueError):
   """Bad input or an inconsistent prepared directory."""
+
+
+class BadUtteranceError(PrepareError):
+  """One utterance cannot be used; ``reason`` names the kind of problem."""
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+ON_ERROR = ("raise", "skip")
+# Outputs of the stages, removed when an unfinished directory is redone.
+_STAGE_OUTPUTS = ("*.done", "*.incomplete", "text.*", "text_tmp.*", "codebook.npz",
+                  "unit_pieces.*", "unit_pieces_tmp.*", "*.tfrecord", "raw_units", OPTIONS)
+
+
+def _reason(error: Exception) -> str:
+  """The kind of a per-utterance failure, for the skip counts."""
+  text = str(error)
+  if "NaN or Inf" in text:
+    return "non-finite audio samples"
+  if "needed for one frame" in text:
+    return "audio shorter than one feature frame"
+  if "truncated" in text:
+    return "truncated audio"
+  if isinstance(error, OSError) or "audio" in text:
+    return "unreadable audio"
+  return "feature extraction failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,10 +295,15 @@ def read_records(path: str) -> Iterator[dict[str, Any]]:
 class _Preparer:
   """Runs the stages of ``prepare`` for one source and directory."""
 
-  def __init__(self, source: Source, out_dir: str, options: PrepareOptions):
+  def __init__(self, source: Source, out_dir: str, options: PrepareOptions,
+               on_error: str = "raise"):
+    if on_error not in ON_ERROR:
+      raise PrepareError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     self.source = source
     self.out_dir = out_dir
     self.options = options
+    self.on_error = on_error
+    self.bad: dict[tuple[str, str], str] = {}   # (split, id) -> reason, when skipping
     self._extractor = None
     self._codebook = None
     needed = {"audio": ("whisper", "logmel"), "features": ("npy",),
@@ -270,22 +321,64 @@ class _Preparer:
                          "are fit on it")
 
   # -- stage: options ----------------------------------------------------------
-  def check_options(self):
-    path = os.path.join(self.out_dir, OPTIONS)
+  def recorded_options(self) -> dict[str, Any]:
+    """What ``options.json`` records: options, corpus, on_error, input hash."""
     current = {"format_version": FORMAT_VERSION,
                "corpus": self.source.description(),
                "options": self.options.to_json()}
-    current = json.loads(json.dumps(current))
+    if self.on_error != "raise":
+      current["on_error"] = self.on_error
+    digest = input_digest(self.source)
+    if digest is not None:
+      current["input_sha256"] = digest
+    return json.loads(json.dumps(current))
+
+  def check_options(self):
+    path = os.path.join(self.out_dir, OPTIONS)
+    current = self.recorded_options()
     if os.path.exists(path):
       stored = _read_json(path)
       if stored != current:
+        differing = sorted(k for k in set(stored) | set(current)
+                           if stored.get(k) != current.get(k))
+        if not is_prepared(self.out_dir):
+          logging.warning(
+              "%s holds an unfinished preparation made from other %s; clearing it and "
+              "preparing again", self.out_dir, " and ".join(differing))
+          clear_stage_outputs(self.out_dir)
+          _write_json(path, current)
+          return
+        what = ("the input utterances changed (input_sha256: transcripts, speakers, file "
+                "paths or sizes)" if differing == ["input_sha256"] else
+                f"they differ in {', '.join(differing)}")
         raise PrepareError(
-            f"{self.out_dir} was prepared with other options or another "
-            f"corpus:\n  stored:  {json.dumps(stored, sort_keys=True)}\n  "
+            f"{self.out_dir} was prepared with other options or another corpus: {what}."
+            f"\n  stored:  {json.dumps(stored, sort_keys=True)}\n  "
             f"current: {json.dumps(current, sort_keys=True)}\nuse another "
             "directory or delete this one")
     else:
       _write_json(path, current)
+
+  # -- skipping ------------------------------------------------------------------
+  def _bad_utterance(self, split: str, utt: readers.Utterance,
+                     error: BadUtteranceError) -> None:
+    """Raises ``error``, or records it when skipping."""
+    if self.on_error == "raise":
+      raise error
+    if (split, utt.id) not in self.bad:
+      logging.warning("skipping (%s): %s", error.reason, error)
+      self.bad[(split, utt.id)] = error.reason
+
+  def skipped_counts(self, split: str) -> dict[str, int]:
+    return dict(collections.Counter(r for (s, _), r in self.bad.items() if s == split))
+
+  def _nothing_left(self, split: str, what: str) -> PrepareError:
+    counts = self.skipped_counts(split)
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
+    return PrepareError(
+        f"nothing left of split {split!r} of {self.source.description().get('name', 'the corpus')}"
+        f" for {what} after skipping {sum(counts.values())} bad utterances ({reasons or 'none'})"
+        "; fix the input (the warnings above name each item)")
 
   # -- stage: text model -------------------------------------------------------
   def text_model(self) -> str:
@@ -298,8 +391,10 @@ class _Preparer:
       shutil.copyfile(self.options.text_model_file, path + ".incomplete")
       os.replace(path + ".incomplete", path)
     else:
-      transcripts = [self._normalised_text(u)
-                     for u in self.source.utterances(TRAIN)]
+      transcripts = [text for text in (self._usable_text(TRAIN, u)
+                                       for u in self.source.utterances(TRAIN)) if text]
+      if not transcripts:
+        raise self._nothing_left(TRAIN, "the text model")
       prefix = os.path.join(self.out_dir, "text_tmp")
       model = text_normalize.train_text_model(
           transcripts, self.options.text_vocab_size, prefix,
@@ -315,10 +410,20 @@ class _Preparer:
   def _normalised_text(utt: readers.Utterance) -> str:
     text = text_normalize.normalize_transcript(utt.transcript)
     if not text:
-      raise PrepareError(f"{utt.source or utt.id}: transcript of utterance "
-                         f"{utt.id} is empty after normalisation: "
-                         f"{utt.transcript!r}")
+      raise BadUtteranceError(f"{utt.source or utt.id}: transcript of utterance "
+                              f"{utt.id} is empty after normalisation: "
+                              f"{utt.transcript!r}", "empty transcript after normalisation")
     return text
+
+  def _usable_text(self, split: str, utt: readers.Utterance) -> Optional[str]:
+    """The normalised transcript, or None for an utterance being skipped."""
+    if (split, utt.id) in self.bad:
+      return None
+    try:
+      return self._normalised_text(utt)
+    except BadUtteranceError as e:
+      self._bad_utterance(split, utt, e)
+      return None
 
   # -- stage: codebook ---------------------------------------------------------
   @property
@@ -335,13 +440,15 @@ class _Preparer:
         feats = self.extractor(utt.features_path)
         return feats, feats.shape[0] / self.extractor.frame_rate_hz
       waveform = utt.load_waveform()
+      if not np.all(np.isfinite(waveform)):
+        raise ValueError("waveform contains NaN or Inf samples")
       if speed != 1.0:
         waveform = audio_lib.speed_perturb(waveform, speed)
       return (self.extractor(waveform),
               waveform.shape[0] / audio_lib.TARGET_SAMPLE_RATE)
     except (ValueError, OSError) as e:
-      raise PrepareError(f"{utt.source or utt.id}: utterance {utt.id}: {e}"
-                         ) from e
+      raise BadUtteranceError(f"{utt.source or utt.id}: utterance {utt.id}: {e}",
+                              _reason(e)) from e
 
   def codebook(self) -> Optional[kmeans.Codebook]:
     if self.source.kind == "units":
@@ -360,8 +467,13 @@ class _Preparer:
     for index, utt in enumerate(tqdm.tqdm(
         self.source.utterances(TRAIN), total=total, mininterval=2.0,
         desc="k-means sample features", unit="utt")):
-      if index in chosen:
-        pooled.append(self._features(utt)[0])
+      if index in chosen and self._usable_text(TRAIN, utt) is not None:
+        try:
+          pooled.append(self._features(utt)[0])
+        except BadUtteranceError as e:
+          self._bad_utterance(TRAIN, utt, e)
+    if not pooled:
+      raise self._nothing_left(TRAIN, "the codebook")
     frames = np.concatenate(pooled)
     if frames.shape[0] > opts.kmeans_frames:
       keep = np.sort(rng.choice(frames.shape[0], opts.kmeans_frames,
@@ -397,14 +509,22 @@ class _Preparer:
     bar = tqdm.tqdm(total=total, desc=f"units {split}", unit="utt",
                     mininterval=2.0)
     for utt in self.source.utterances(split):
-      text = self._normalised_text(utt)
+      text = self._usable_text(split, utt)
+      if text is None:
+        bar.update(len(speeds))
+        continue
       for speed in speeds:
-        if self.source.kind == "units":
-          units = self._checked_units(utt)
-          duration = units.shape[0] / self.options.units_rate_hz
-        else:
-          feats, duration = self._features(utt, speed)
-          units = codebook.assign(feats)
+        try:
+          if self.source.kind == "units":
+            units = self._checked_units(utt)
+            duration = units.shape[0] / self.options.units_rate_hz
+          else:
+            feats, duration = self._features(utt, speed)
+            units = codebook.assign(feats)
+        except BadUtteranceError as e:
+          self._bad_utterance(split, utt, e)
+          bar.update(1)
+          break
         if self.options.merge_repeats:
           units = units_lib.merge_repeats(units)
         prefix = "" if speed == 1.0 else f"sp{speed:g}-"
@@ -419,12 +539,13 @@ class _Preparer:
     k = self.options.num_clusters
     where = utt.source or f"utterance {utt.id}"
     if units.ndim != 1 or units.size == 0:
-      raise PrepareError(f"{where}: utterance {utt.id} needs a non-empty 1-D "
-                         f"unit sequence, got shape {units.shape}")
+      raise BadUtteranceError(f"{where}: utterance {utt.id} needs a non-empty 1-D "
+                              f"unit sequence, got shape {units.shape}", "bad units")
     bad = (units < 0) | (units >= k)
     if bad.any():
-      raise PrepareError(f"{where}: unit {int(units[bad][0])} is outside "
-                         f"[0, {k}) (num_clusters={k}) in utterance {utt.id}")
+      raise BadUtteranceError(f"{where}: unit {int(units[bad][0])} is outside "
+                              f"[0, {k}) (num_clusters={k}) in utterance {utt.id}",
+                              "bad units")
     return units.astype(np.int32)
 
   def write_split(self, split: str, raw: bool) -> dict[str, Any]:
@@ -435,6 +556,12 @@ class _Preparer:
     start = time.time()
     info = _write_records(split_file(self.out_dir, split, raw),
                           self._unit_records(split))
+    if info["num_examples"] == 0:
+      os.remove(split_file(self.out_dir, split, raw))
+      raise self._nothing_left(split, "its records")
+    if self.skipped_counts(split):
+      info["skipped"] = self.skipped_counts(split)
+      logging.warning("split %s: skipped %s", split, info["skipped"])
     info["seconds_to_prepare"] = round(time.time() - start, 1)
     _mark_done(self.out_dir, name, info)
     logging.info("prepared %s/%s: %s", self.out_dir, name, info)
@@ -504,21 +631,65 @@ class _Preparer:
                   "splits": {s: os.path.basename(split_file(self.out_dir, s))
                              for s in splits}},
         "splits": counts,
+        "skipped": {split: self.skipped_counts(split) for split in splits
+                    if self.skipped_counts(split)},
     }
     metadata["seconds_to_prepare"] = round(time.time() - start, 1)
     _write_json(os.path.join(self.out_dir, METADATA), metadata)
     return metadata
 
 
+def input_digest(source: Source) -> Optional[str]:
+  """sha256 over every utterance of a source read from files, else None.
+
+  Covers what a manifest (or unit/feature list) says: split, id, transcript,
+  speaker, file path and size, and imported units. The embedded corpus is
+  identified by its config and version instead (``Source.description``).
+  """
+  if not isinstance(source, UtteranceSource):
+    return None
+  digest = hashlib.sha256()
+  for split in source.splits():
+    for utt in source.utterances(split):
+      size = None
+      for path in (utt.audio_path, utt.features_path):
+        if path is not None and os.path.exists(path):
+          size = os.path.getsize(path)
+      digest.update(json.dumps([split, utt.id, utt.transcript, utt.speaker, utt.audio_path,
+                                utt.features_path, size]).encode())
+      for array in (utt.units, utt.waveform):
+        if array is not None:
+          digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def clear_stage_outputs(out_dir: str) -> None:
+  """Removes what the stages wrote (not the lock), e.g. of a failed run."""
+  for pattern in _STAGE_OUTPUTS:
+    for path in glob.glob(os.path.join(out_dir, pattern)):
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+
+
 def prepare(source: Source, out_dir: str,
-            options: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
+            options: PrepareOptions = PrepareOptions(),
+            on_error: str = "raise") -> dict[str, Any]:
   """Prepares ``source`` into ``out_dir`` (or finishes an interrupted run).
+
+  Args:
+    source: the corpus.
+    out_dir: the prepared directory.
+    options: how to discretise.
+    on_error: "raise" (stop at the first unusable utterance) or "skip"
+      (leave it out, counted per reason in the metadata's ``skipped``).
 
   Returns:
     The metadata (as in ``metadata.json``).
   """
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  preparer = _Preparer(source, out_dir, options)
+  preparer = _Preparer(source, out_dir, options, on_error)
   with _locked(out_dir):
     preparer.check_options()
     if is_prepared(out_dir):

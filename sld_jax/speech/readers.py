@@ -93,6 +93,14 @@ class ReadResult(collections.abc.Sequence):
   def num_skipped(self) -> int:
     return len(self.skipped)
 
+  def skipped_by_reason(self) -> dict[str, int]:
+    """Skipped items counted by kind, e.g. ``{"unreadable audio": 2}``."""
+    counts: dict[str, int] = {}
+    for message in self.skipped:
+      reason = skip_reason(message)
+      counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
   def __len__(self) -> int:
     return len(self.utterances)
 
@@ -101,6 +109,32 @@ class ReadResult(collections.abc.Sequence):
 
   def __iter__(self):
     return iter(self.utterances)
+
+
+_REASONS = (  # (words in the message, reason), first match wins
+    ("duplicate utterance id", "duplicate id"),
+    ("truncated", "truncated audio"),
+    ("not found", "missing file"),
+    ("no audio file", "missing file"),
+    ("no features file", "missing file"),
+    ("cannot read", "unreadable file"),
+    ("has no samples", "empty audio"),
+    ("NaN or Inf", "non-finite audio samples"),
+    ("empty transcript", "empty transcript"),
+    ("no transcript", "missing transcript"),
+    ("tab-separated columns", "malformed line"),
+    ("empty path", "malformed line"),
+    ("unit", "bad units"),
+    ("features", "bad features"),
+)
+
+
+def skip_reason(message: str) -> str:
+  """The kind of problem a reader's skip message describes."""
+  for words, reason in _REASONS:
+    if words in message:
+      return reason
+  return "other"
 
 
 class _Collector:

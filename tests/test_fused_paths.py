@@ -1,0 +1,226 @@
+"""The fused paths for large vocabularies and long rows equal the reference paths.
+
+- ``losses.compute_loss_chunked`` (hidden states projected a chunk of
+  positions at a time, never ``[B, L, V]`` logits) == ``compute_loss`` on the
+  full logits: values and gradients, every objective, packed rows, T != 1,
+  a length that is not a multiple of the chunk.
+- ``SpeechTextLM(loss_chunk_size=C)`` == ``SpeechTextLM()``: loss, metrics
+  and parameter gradients, tied and untied output layers.
+- The chunked loss's compiled gradient holds less temporary memory than the
+  reference's (XLA's own memory analysis of the CPU executable).
+- ``DecoderConfig.attention_implementation="xla"`` (``jax.nn.dot_product_attention``,
+  the portable twin of the cuDNN path) and ``"splash"`` (the Pallas TPU
+  kernel, interpreted on CPU) == the written-out ``"einsum"`` attention on
+  packed rows, forward and backward, float32 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sld_jax import losses
+from sld_jax.lm import SpeechTextLM
+from sld_jax.model import decoder
+from sld_jax.model import splash
+from sld_jax.model.config import DecoderConfig
+from sld_jax.vocab import VocabLayout
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+LAYOUT = VocabLayout(text_size=40, speech_size=70)          # size 128, real 111
+OBJECTIVES = [dict(method="loss_masking"), dict(method="multimodal_ce"),
+              dict(method="sld", kl_target="paper", alpha=0.5, temperature=2.0),
+              dict(method="sld", kl_target="reference", alpha=0.3, epsilon=0.2)]
+
+
+def _packed_batch(rng, batch, length):
+  """Rows of two sequences ``units <speech_end> text <text_end>`` and padding."""
+  targets = np.zeros((batch, length), np.int32)
+  segments = np.zeros((batch, length), np.int32)
+  for row in range(batch):
+    start = 0
+    for segment in (1, 2):
+      units = rng.integers(LAYOUT.speech_offset, LAYOUT.real_size, rng.integers(3, 8))
+      text = rng.integers(3, LAYOUT.text_size, rng.integers(1, 4))
+      sequence = np.concatenate([units, [LAYOUT.speech_end_id], text, [LAYOUT.eos_id]])
+      sequence = sequence[:length - start]
+      targets[row, start:start + len(sequence)] = sequence
+      segments[row, start:start + len(sequence)] = segment
+      start += len(sequence)
+  return targets, (segments > 0).astype(np.float32), segments
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: "-".join(map(str, o.values())))
+def test_chunked_loss_equals_full_logits_loss(objective):
+  rng = np.random.default_rng(0)
+  batch, length, embed = 3, 29, 16
+  targets, weights, segments = _packed_batch(rng, batch, length)
+  hidden = jnp.asarray(rng.standard_normal((batch, length, embed)), jnp.float32)
+  table = jnp.asarray(rng.standard_normal((LAYOUT.size, embed)), jnp.float32)
+
+  def full(hidden, table):
+    logits = jnp.einsum("ble,ve->blv", hidden, table)
+    return losses.compute_loss(logits, targets, weights, segments, layout=LAYOUT, **objective)
+
+  def chunked(hidden, table):
+    project = lambda h: jnp.einsum("...e,ve->...v", h, table[:LAYOUT.real_size])
+    return losses.compute_loss_chunked(hidden, project, targets, weights, segments,
+                                       layout=LAYOUT, chunk_size=8, **objective)
+
+  (loss_full, aux_full), grads_full = jax.value_and_grad(full, (0, 1), has_aux=True)(hidden, table)
+  (loss_chunk, aux_chunk), grads_chunk = jax.jit(
+      jax.value_and_grad(chunked, (0, 1), has_aux=True))(hidden, table)
+  assert float(loss_full) > 0
+  np.testing.assert_allclose(loss_chunk, loss_full, rtol=1e-5)
+  for name in aux_full:
+    np.testing.assert_allclose(aux_chunk[name], aux_full[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  for got, want in zip(grads_chunk, grads_full):
+    assert float(jnp.abs(want).max()) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_rejects_bad_chunk_and_shapes():
+  hidden = jnp.zeros((2, 4, 8))
+  targets = np.zeros((2, 4), np.int32)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    losses.compute_loss_chunked(hidden, lambda h: h, targets, targets, layout=LAYOUT,
+                                chunk_size=0)
+  with pytest.raises(ValueError, match=r"hidden must be \[B, L, E\]"):
+    losses.compute_loss_chunked(hidden[:, :3], lambda h: h, targets, targets, layout=LAYOUT,
+                                chunk_size=2)
+  with pytest.raises(ValueError, match="loss_chunk_size"):
+    SpeechTextLM(LAYOUT, decoder=_tiny_decoder, loss_chunk_size=-4)
+
+
+def _tiny_decoder(vocab_size, **changes):
+  return DecoderConfig(vocab_size=vocab_size, num_layers=2, num_heads=2, embed_dim=16,
+                       mlp_dim=32, max_length=32, dropout_rate=0.0, **changes)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_speech_text_lm_chunked_loss_equals_reference(tie_embeddings):
+  rng = np.random.default_rng(1)
+  targets, weights, segments = _packed_batch(rng, 2, 32)
+  inputs = np.where(segments > 0, np.pad(targets[:, :-1], ((0, 0), (1, 0))), 0)
+  inputs[:, 0] = 0
+  batch = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+           "decoder_loss_weights": weights.astype(np.int32), "decoder_segment_ids": segments}
+  decoder_factory = functools.partial(_tiny_decoder, tie_embeddings=tie_embeddings)
+  config = losses.LossConfig(method="sld", alpha=0.5)
+  reference = SpeechTextLM(LAYOUT, decoder=decoder_factory, loss_config=config)
+  chunked = SpeechTextLM(LAYOUT, decoder=decoder_factory, loss_config=config, loss_chunk_size=12)
+  params = jax.tree.map(lambda box: box.value if hasattr(box, "value") else box,
+                        reference.init_params(jax.random.key(3)),
+                        is_leaf=lambda x: hasattr(x, "value"))
+
+  def loss_and_grads(model):
+    return jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(params, batch)
+
+  (loss_ref, aux_ref), grads_ref = loss_and_grads(reference)
+  (loss_chunk, aux_chunk), grads_chunk = loss_and_grads(chunked)
+  np.testing.assert_allclose(loss_chunk, loss_ref, rtol=1e-5)
+  for name in aux_ref:
+    np.testing.assert_allclose(aux_chunk[name], aux_ref[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  flat_ref = jax.tree_util.tree_leaves_with_path(grads_ref)
+  flat_chunk = jax.tree.leaves(grads_chunk)
+  for (path, want), got in zip(flat_ref, flat_chunk):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_chunked_loss_gradient_needs_less_temporary_memory():
+  """The reference's backward pass holds [B, L, V] float32 logits; chunks don't."""
+  layout = VocabLayout(text_size=4000, speech_size=4000)
+  batch, length, embed = 2, 256, 32
+  hidden = jax.ShapeDtypeStruct((batch, length, embed), jnp.float32)
+  table = jax.ShapeDtypeStruct((layout.size, embed), jnp.float32)
+  targets = jnp.full((batch, length), layout.speech_offset, jnp.int32)
+  weights = jnp.ones((batch, length), jnp.float32)
+
+  def full(hidden, table):
+    logits = jnp.einsum("ble,ve->blv", hidden, table)
+    return losses.compute_loss(logits, targets, weights, layout=layout, method="sld")[0]
+
+  def chunked(hidden, table):
+    project = lambda h: jnp.einsum("...e,ve->...v", h, table[:layout.real_size])
+    return losses.compute_loss_chunked(hidden, project, targets, weights, layout=layout,
+                                       chunk_size=16, method="sld")[0]
+
+  def temp_bytes(fn):
+    compiled = jax.jit(jax.grad(fn, (0, 1))).lower(hidden, table).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  logits_bytes = batch * length * layout.size * 4
+  full_bytes, chunked_bytes = temp_bytes(full), temp_bytes(chunked)
+  assert full_bytes >= logits_bytes
+  # What is left is a chunk of logits and its gradient, plus the [V, E] table gradient.
+  assert chunked_bytes < logits_bytes / 3, (full_bytes, chunked_bytes)
+  assert chunked_bytes < full_bytes / 8, (full_bytes, chunked_bytes)
+
+
+def _attention_params_and_inputs(config, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(functools.partial(decoder.init_params, config), jax.random.key(0))
+  shapes = jax.tree.map(lambda box: box.value if hasattr(box, "value") else box, shapes,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
+                        shapes)
+  length = config.max_length               # splash takes multiples of 128
+  tokens = rng.integers(1, config.vocab_size, (2, length)).astype(np.int32)
+  segments = np.array([[1] * 50 + [2] * 60 + [0] * (length - 110), [1] * length], np.int32)
+  positions = np.array([list(range(50)) + list(range(60)) + [0] * (length - 110),
+                        list(range(length))], np.int32)
+  return params, tokens, positions, segments
+
+
+@pytest.mark.parametrize("implementation", ["xla", "splash"])
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 2e-5), ("bfloat16", 3e-2)])
+def test_fused_attention_equals_einsum_attention(implementation, dtype, tolerance):
+  """"xla" is cuDNN's portable twin; "splash" runs its Pallas kernel interpreted."""
+  einsum = DecoderConfig(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
+                         max_length=128, dropout_rate=0.0, dtype=dtype)
+  fused = einsum.replace(attention_implementation=implementation)
+  params, tokens, positions, segments = _attention_params_and_inputs(einsum)
+  real = segments > 0
+
+  def summed_logits(config, params):
+    logits = decoder.Decoder(config).apply({"params": params}, tokens, positions, segments)
+    return jnp.sum(jnp.where(real[..., None], logits, 0.0) ** 2), logits
+
+  grad = lambda config: jax.jit(jax.grad(functools.partial(summed_logits, config),
+                                         has_aux=True))(params)
+  grads_einsum, logits_einsum = grad(einsum)
+  grads_fused, logits_fused = grad(fused)
+  scale = float(jnp.abs(logits_einsum).max())
+  np.testing.assert_allclose(np.asarray(logits_fused)[real], np.asarray(logits_einsum)[real],
+                             atol=tolerance * scale)
+  # One bound for every leaf: the key bias's true gradient is 0 (softmax is
+  # shift-invariant), so its values are rounding noise on either side.
+  bound = tolerance * max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_einsum))
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(grads_einsum),
+                               jax.tree.leaves(grads_fused)):
+    np.testing.assert_allclose(got, want, atol=bound, err_msg=jax.tree_util.keystr(path))
+
+
+def test_fused_attention_refuses_attention_dropout():
+  base = dict(vocab_size=128, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16)
+  with pytest.raises(ValueError, match="attention_dropout_rate=0.0"):
+    DecoderConfig(**base, dropout_rate=0.1, attention_implementation="cudnn")
+  config = DecoderConfig(**base, dropout_rate=0.1, attention_dropout_rate=0.0,
+                         attention_implementation="cudnn")
+  assert config.attention_dropout == 0.0 and config.dropout_rate == 0.1
+  with pytest.raises(ValueError, match="attention_implementation must be one of"):
+    DecoderConfig(**base, attention_implementation="flash")
+
+
+def test_splash_attention_names_the_length_it_needs():
+  query = jnp.zeros((1, 100, 2, 8))
+  with pytest.raises(ValueError, match=r"row length \(100\) to be a multiple of 128"):
+    splash.splash_attention(query, query, query, jnp.ones((1, 100), jnp.int32), 1.0)

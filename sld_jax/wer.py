@@ -3,8 +3,8 @@
 Each reference/hypothesis pair is aligned by jiwer (a Levenshtein alignment,
 unit costs for substitution, deletion and insertion, ties broken as jiwer's
 rapidfuzz opcodes break them), so the S/D/I split, not only the total, is
-jiwer's. Corpus-level rates sum the
-edit counts over all pairs and divide by the total reference length::
+jiwer's. Corpus-level rates sum the edit counts over all pairs and divide by
+the total reference length::
 
   WER = (S + D + I) / (H + S + D)        H + S + D = number of reference words
 

@@ -9,6 +9,7 @@
   smoke corpus is built once per code version (its preparation holds a file
   lock, so parallel workers wait for each other) and a change to the TTS,
   features, k-means or task code reaches every test that reads it.
+- No gin config carried from one test into the next.
 """
 
 import hashlib
@@ -16,6 +17,9 @@ import os
 import pathlib
 import re
 import tempfile
+
+import gin
+import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
@@ -60,3 +64,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("SLD_DATA_DIR", os.path.join(
     tempfile.gettempdir(), "sld_jax_test_data", corpus_code_hash()))
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_config_across_tests():
+  """Each test starts without the gin bindings (or lock) another left behind:
+  a finalized config would otherwise reconfigure later tests in the process."""
+  yield
+  gin.clear_config()

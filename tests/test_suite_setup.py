@@ -58,6 +58,10 @@ def test_missing_optional_dependency_fails_in_ci_and_skips_locally(monkeypatch):
   with pytest.raises(pytest.skip.Exception, match=absent):
     optional_deps.require(absent, install="pip install it")
   optional_deps.require("numpy", install="unused")  # present: returns
+  monkeypatch.setenv("CI", "true")
+  with pytest.raises(pytest.fail.Exception, match="needs a tmpfs"):
+    optional_deps.require_that(False, "a tmpfs")
+  optional_deps.require_that(True, "a tmpfs")
 
 
 def test_corpus_dir_is_keyed_by_the_code_that_builds_it(tmp_path):

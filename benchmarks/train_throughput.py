@@ -95,7 +95,7 @@ def sequence_lengths(count: int, seed: int, units: tuple[int, int] = (50, 150),
 def task_lengths(task_name: str, split: str = "train") -> list[tuple[int, int]]:
   """(units, text tokens) of every example of a prepared task's split."""
   import seqio  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   dataset = seqio.get_mixture_or_task(task_name).get_dataset(
       sequence_length=None, split=split, shuffle=False, use_cached=False, num_epochs=1)
   pairs = []
@@ -240,7 +240,7 @@ def build_sld_jax_trainer(size: str, layout: VocabLayout, block_size: int, metho
 
 def run_sld_jax(args) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
-  import sld_jax.trainer  # pylint: disable=g-import-not-at-top,unused-import
+  import sld_jax.trainer  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   rss_after_imports = rss_bytes()
   layout = _layout(args)
   stream = iter(_sequences(args))

@@ -170,7 +170,7 @@ def eval_splits(task_name: str) -> list[str]:
 
 def _task(task_name: str):
   import seqio  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  import tasks  # noqa: F401  (registers the tasks)  pylint: disable=g-import-not-at-top
   try:
     return seqio.get_mixture_or_task(task_name)
   except ValueError as e:

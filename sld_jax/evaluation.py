@@ -44,7 +44,6 @@ from absl import logging
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 

@@ -108,7 +108,8 @@ class RunLock:
           raise RunDirectoryLocked(
               f"{self.directory} is in use by another run: {owner_description(owner)} "
               f"holds {self.path}. Wait for it to finish, use another MODEL_DIR, or, if "
-              "that process is gone (e.g. on another machine), delete the lock file.")
+              "that process is gone (e.g. on another machine), delete the lock file."
+          ) from None
         logging.warning("Taking over the stale lock %s of %s, which is no longer running",
                         self.path, owner_description(owner))
         stale = f"{self.path}.stale.{os.getpid()}"

@@ -61,10 +61,10 @@ def main(argv) -> None:
 def known_errors() -> tuple[type[BaseException], ...]:
   """Failures a user can act on from their message alone."""
   from sld_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from sld_jax import divergence  # pylint: disable=g-import-not-at-top
   from sld_jax import run_lock  # pylint: disable=g-import-not-at-top
-  from sld_jax import trainer  # pylint: disable=g-import-not-at-top
   return (gin_utils.GinConfigError, run_lock.RunDirectoryLocked, checkpointing.CheckpointError,
-          trainer.TrainingDivergedError)
+          divergence.TrainingDivergedError)
 
 
 def run() -> None:

@@ -55,7 +55,6 @@ import optax
 
 from sld_jax import checkpointing
 from sld_jax.divergence import DivergenceError, DivergenceMonitor, NonFiniteLossError
-from sld_jax.divergence import TrainingDivergedError  # pylint: disable=unused-import
 from sld_jax import gin_utils
 from sld_jax import input_pipeline
 from sld_jax import metrics_writer

@@ -114,7 +114,7 @@ def test_tiny_corpus_features(tiny_source):
 
 def test_prepare_is_deterministic_and_idempotent(tiny_source, tmp_path):
   first = prepare.prepare(tiny_source, str(tmp_path / "a"), LOGMEL)
-  second = prepare.prepare(tiny_source, str(tmp_path / "b"), LOGMEL)
+  prepare.prepare(tiny_source, str(tmp_path / "b"), LOGMEL)
   for split in ec.SPLITS:
     a, b = _records(tmp_path / "a", split), _records(tmp_path / "b", split)
     assert [r["id"] for r in a] == [r["id"] for r in b]

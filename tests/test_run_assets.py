@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from sld_jax import file_hashes
 from sld_jax import input_pipeline
 from sld_jax import run_assets
 from sld_jax.model.config import decoder_config
@@ -18,7 +19,7 @@ def _write(directory, manifest, files=None):
   for name, content in (files or {}).items():
     with open(os.path.join(directory, name), "wb") as f:
       f.write(content)
-  manifest = {**manifest, "sha256": {name: run_assets.sha256(os.path.join(directory, name))
+  manifest = {**manifest, "sha256": {name: file_hashes.sha256(os.path.join(directory, name))
                                      for name in (files or {})}}
   with open(os.path.join(directory, run_assets.MANIFEST), "w") as f:
     json.dump(manifest, f)

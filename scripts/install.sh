@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Installs everything sld_jax needs on a fresh Debian machine with Python 3.11:
-# the apt packages (TTS voices, sox, WordNet text, real-speech fixtures and the
-# demo's real-speech check) and the
-# pinned Python packages, then the project itself in editable mode.
+# Installs what sld_jax needs on a fresh Debian machine with Python 3.11: the
+# apt packages (TTS voices, sox, WordNet text, real-speech fixtures and the
+# demo's real-speech check) and the pinned Python packages, then the project
+# itself in editable mode.
+#   bash scripts/install.sh          what the main job runs (requirements.txt)
+#   bash scripts/install.sh test     plus the test-only peers and tools
+#                                    (requirements-test.txt: pytest, torch,
+#                                    transformers, nbclient, ruff)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +25,12 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "[install] python packages (requirements-test.txt)"
-python3 -m pip install -q --disable-pip-version-check -r requirements-test.txt
+PROFILE=${1:-run}
+case "$PROFILE" in
+  run) REQUIREMENTS=requirements.txt ;;
+  test) REQUIREMENTS=requirements-test.txt ;;
+  *) echo "usage: bash scripts/install.sh [run|test]" >&2; exit 2 ;;
+esac
+echo "[install] python packages (${REQUIREMENTS})"
+python3 -m pip install -q --disable-pip-version-check -r "${REQUIREMENTS}"
 python3 -m pip install -q --disable-pip-version-check --no-deps -e .

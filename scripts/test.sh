@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite in one command, on a fresh Debian machine with Python 3.11:
 # installs the test profile (scripts/install.sh test: the main job's packages
-# plus pytest, the correctness peers torch/transformers/jiwer, nbclient and
+# plus pytest, the correctness peers torch/transformers, nbclient and
 # ruff), runs the linter (ruff, configured in pyproject.toml), then the tests
 # on 2 workers. Extra arguments go to pytest (e.g. tests/test_losses.py -k kl).
 set -euo pipefail

@@ -181,12 +181,8 @@ class SpeechTextLM:
 
   def combine(self, means: Mapping[str, jax.Array]) -> jax.Array:
     """The objective from its per-token means (the sum ``compute_loss`` returns)."""
-    method = self.loss_config.method
-    if method == "loss_masking":
-      return means["ce_text"]
-    if method == "multimodal_ce":
-      return means["ce_text"] + means["ce_speech"]
-    return means["ce_text"] + means["ce_speech"] + self.loss_config.alpha * means["kl_speech"]
+    return losses.combine(self.loss_config.method, self.loss_config.alpha, means["ce_text"],
+                          means["ce_speech"], means["kl_speech"])
 
   def _count_of(self, mean_name: str) -> str:
     count = MEANS[mean_name]
@@ -200,16 +196,13 @@ class SpeechTextLM:
     """The token / sequence counts ``loss_fn`` would report, without the model."""
     targets = batch["decoder_target_tokens"]
     weighted = batch["decoder_loss_weights"] > 0
-    layout = self.layout
-    kl_positions = (layout.is_unit(targets) if self.loss_config.kl_target == "paper"
-                    else layout.is_text(targets) | layout.is_speech(targets))
+    kl_positions = losses.kl_positions(targets, self.layout, self.loss_config.kl_target)
     return {
         "num_text_tokens": jnp.sum(weighted & self.layout.is_text(targets)),
         "num_speech_tokens": jnp.sum(weighted & self.layout.is_speech(targets)),
         "num_unit_tokens": jnp.sum(weighted & self.layout.is_unit(targets)),
         "num_kl_positions": jnp.sum(weighted & kl_positions),
-        "num_sequences": losses._count_sequences(  # pylint: disable=protected-access
-            weighted, batch.get("decoder_segment_ids")),
+        "num_sequences": losses.count_sequences(weighted, batch.get("decoder_segment_ids")),
         "num_target_tokens": jnp.sum(weighted),
     }
 
@@ -328,10 +321,9 @@ class SpeechTextLM:
     _, aux = losses.compute_loss_from_config(
         logits, targets, weights, batch.get("decoder_segment_ids"), layout, self.loss_config)
     aux = dict(aux, num_target_tokens=jnp.sum(weights > 0))
-    log_probs = jax.nn.log_softmax(logits[..., :layout.real_size].astype(jnp.float32))
-    safe = jnp.clip(targets, 0, layout.real_size - 1)
-    token_logp = jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    nll = losses.token_terms(logits[..., :layout.real_size], targets, layout,
+                             with_kl=False)["nll"]
     text = (weights > 0) & layout.is_text(targets)
     return {"sums": self.to_sums(aux),
-            "transcript_logprob": jnp.sum(jnp.where(text, token_logp, 0.0), axis=1),
+            "transcript_logprob": -jnp.sum(jnp.where(text, nll, 0.0), axis=1),
             "transcript_tokens": jnp.sum(text, axis=1)}

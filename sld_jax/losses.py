@@ -265,7 +265,7 @@ def _two_valued_kl(log_p_true, sum_log_p, num_units, p_true, p_other):
   return neg_entropy - (p_true - p_other) * log_p_true - p_other * sum_log_p
 
 
-def _count_sequences(has_weight, segment_ids):
+def count_sequences(has_weight, segment_ids):
   """Rows (or distinct non-zero segment ids per row) with any weight > 0.
 
   segment_ids [[1 1 1 2 2 0], [1 1 1 1 1 1]], all weighted  ->  2 + 1 = 3.
@@ -275,6 +275,26 @@ def _count_sequences(has_weight, segment_ids):
   segments = jnp.sort(jnp.where(has_weight, segment_ids, 0), axis=-1)
   previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)))
   return jnp.sum((segments != 0) & (segments != previous))
+
+
+def combine(method: str, alpha: float, ce_text, ce_speech, kl_speech):
+  """The objective from its three means (module docstring)."""
+  if method == "loss_masking":
+    return ce_text
+  if method == "multimodal_ce":
+    return ce_text + ce_speech
+  return ce_text + ce_speech + alpha * kl_speech
+
+
+def kl_positions(targets, layout: VocabLayout, kl_target: str):
+  """[B, L] bool: the targets the KL is applied at (before weights).
+
+  "paper": the unit targets; "reference": every text and speech target (as
+  released; non-unit targets use unit class 0).
+  """
+  if kl_target == "paper":
+    return layout.is_unit(targets)
+  return layout.is_text(targets) | layout.is_speech(targets)
 
 
 def _masked_mean(values, weights, mask, count):
@@ -388,8 +408,8 @@ def _objective(terms, targets, weights, segment_ids, *, layout: VocabLayout, met
   num_text = jnp.sum(text_mask)
   num_speech = jnp.sum(speech_mask)
   num_units_tokens = jnp.sum(unit_mask)
-  num_sequences = _count_sequences(has_weight, segment_ids)
-  kl_mask = unit_mask if kl_target == "paper" else text_mask | speech_mask
+  num_sequences = count_sequences(has_weight, segment_ids)
+  kl_mask = has_weight & kl_positions(targets, layout, kl_target)
   num_kl_positions = jnp.sum(kl_mask)
 
   ce_text = _masked_mean(terms["nll"], weights, text_mask, num_text)
@@ -407,12 +427,7 @@ def _objective(terms, targets, weights, segment_ids, *, layout: VocabLayout, met
   else:
     kl_speech = jnp.zeros((), dtype)
 
-  if method == "loss_masking":
-    loss = ce_text
-  elif method == "multimodal_ce":
-    loss = ce_text + ce_speech
-  else:
-    loss = ce_text + ce_speech + alpha * kl_speech
+  loss = combine(method, alpha, ce_text, ce_speech, kl_speech)
 
   correct = terms["correct"].astype(dtype)
   aux = {

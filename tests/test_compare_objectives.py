@@ -350,6 +350,7 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
   for method in plan_lib.DEFAULT_METHODS:
     for seed in range(5):
       assert f"# {method} seed {seed} -> {out}/{method}/seed{seed}:" in printed
-  assert "--gin_file=gin_configs/objectives/sld_reference.gin" in printed
-  assert "'--gin_bindings=trainer.train.stop_after_steps = 1000'" in printed  # (3 + 1) x 250
+  assert "--gin_file=gin_configs/objectives/sld.gin" in printed
+  assert "sld_reference" not in printed      # the reference-target variant is opt-in
+  assert "'--gin_bindings=trainer.train.stop_after_steps = 400'" in printed  # (3 + 1) x 100
   assert not out.exists()

@@ -1,6 +1,6 @@
 r"""``python -m sld_jax.comparison`` (also ``scripts/compare_objectives.py``).
 
-  # The comparison: 4 objectives x 5 seeds on the 2,000-utterance test set
+  # The comparison: SLD, Multimodal CE and Loss Masking x 5 seeds on the 2,000-utterance test set
   python -m sld_jax.comparison --out runs/compare --seeds 0 1 2 3 4
 
   # Rebuild the report from finished runs, and publish it as docs/results.md

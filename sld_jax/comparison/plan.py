@@ -28,7 +28,7 @@ from sld_jax.comparison import gin_values
 
 OBJECTIVES_DIR = os.path.join("gin_configs", "objectives")
 DEFAULT_BASE = os.path.join("gin_configs", "experiments", "objective_comparison_digits.gin")
-DEFAULT_METHODS = ("sld", "sld_reference", "multimodal_ce", "loss_masking")
+DEFAULT_METHODS = ("sld", "multimodal_ce", "loss_masking")
 MIN_SEEDS = 5
 # Bindings the driver owns, and the flag that sets each instead.
 OWNED = {"MODEL_DIR": "--out", "SEED": "--seeds", "DATA_SEED": "--seeds",

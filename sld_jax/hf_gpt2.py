@@ -431,7 +431,7 @@ def export_hf_gpt2(params: Params, config: DecoderConfig, layout: vocab_lib.Voca
     rows, eos, pad = text_id_map.ours_of_gpt2, text_id_map.gpt2_eos_id, None
   else:
     rows, eos, pad = np.arange(layout.size), vocab_lib.EOS_ID, vocab_lib.PAD_ID
-  host = _host_params(params, config, "export_hf_gpt2")
+  host = _host_params(params, config, "the params given to export_hf_gpt2")
   tensors = {
       "transformer.wte.weight": host["token_embedder"]["embedding"][rows],
       "transformer.wpe.weight": host["position_embedder"]["embedding"],
@@ -482,7 +482,7 @@ def save_params(params: Params, directory: str, *, config: DecoderConfig,
                 text_id_map: Optional[gpt2_vocab.TextIdMap] = None, source: str = "") -> str:
   """Writes ``directory/params`` (orbax) and ``directory/sld_jax_params.json``."""
   params = nn.meta.unbox(params)
-  _check_tree(params, config, "save_params")
+  _check_tree(params, config, "the params given to save_params")
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
@@ -530,7 +530,7 @@ def restore_params(directory: str, config: DecoderConfig, layout: vocab_lib.Voca
   checkpointing.verify_checksums(params_dir, step=0)
   checkpointer = ocp.StandardCheckpointer()
   saved_tree = checkpointer.metadata(params_dir).item_metadata.tree
-  _check_tree(saved_tree, config, f"orbax params {params_dir}")
+  _check_tree(saved_tree, config, f"the orbax params {params_dir}")
   return checkpointer.restore(params_dir, _abstract_params(config, shardings))
 
 

@@ -37,11 +37,11 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # pylint: disable=g-import-not-at-top
-import jax
+import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from sld_jax import decoding
+from sld_jax import partitioning
 from sld_jax.model import decoder
 from sld_jax.model.config import decoder_config
 from sld_jax.vocab import VocabLayout
@@ -51,8 +51,8 @@ MODES = ("cached_greedy", "naive_greedy", "cached_beam", "naive_beam")
 
 def random_params(module: decoder.Decoder, seed: int = 0):
   """GPT-2-like random parameters (N(0, 0.02) matrices) without compiling the init."""
-  shapes = nn.meta.unbox(jax.eval_shape(functools.partial(decoder.init_params, module),
-                                        jax.random.key(0)))
+  shapes, _ = partitioning.abstract_state(functools.partial(decoder.init_params, module),
+                                         jax.random.key(0))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):

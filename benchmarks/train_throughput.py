@@ -63,10 +63,9 @@ if REPO_ROOT not in sys.path:
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from sld_jax.model_inputs import FEATURES  # pylint: disable=g-import-not-at-top
 from sld_jax.vocab import EOS_ID, VocabLayout  # pylint: disable=g-import-not-at-top
 
-FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-            "decoder_segment_ids", "decoder_positions")
 IMPLEMENTATIONS = ("sld_jax", "torch/block", "torch/longest")
 RESULT_PREFIX = "RESULT "
 

@@ -61,6 +61,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sld_jax import atomic_files
+from sld_jax import cross_process
 from sld_jax import file_hashes
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -109,11 +111,8 @@ def write_checksums(step_dir: str, step: int) -> str:
   files = {name: file_hashes.sha256(os.path.join(step_dir, name))
            for name in _step_files(step_dir)}
   path = os.path.join(step_dir, CHECKSUMS_FILE)
-  with open(path + ".incomplete", "w") as f:
+  with atomic_files.replacing(path, fsync=True) as tmp, open(tmp, "w") as f:
     json.dump({"step": int(step), "algorithm": "sha256", "files": files}, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".incomplete", path)
   return path
 
 
@@ -155,33 +154,44 @@ def _listed(lines: list[str], most: int) -> list[str]:
   return lines[:most] + ([f"... and {len(lines) - most} more"] if len(lines) > most else [])
 
 
-def check_params_match(saved: Any, abstract: Any, where: str, model_info: str) -> None:
-  """Raises if the checkpoint's parameter names or shapes differ from the model's.
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{"layers_0/mlp/wi/kernel": (128, 512), ...}`` of a nested dict's leaves."""
+  shapes = {}
+  for name, leaf in flax.traverse_util.flatten_dict(tree, sep="/").items():
+    shape = getattr(leaf, "shape", None)
+    shapes[name] = tuple(int(size) for size in (np.shape(leaf) if shape is None else shape))
+  return shapes
 
-  ``saved`` and ``abstract`` are nested dicts whose leaves have ``.shape``
-  (orbax metadata, ``jax.ShapeDtypeStruct``s, arrays).
+
+def check_params_match(saved: Any, abstract: Any, where: str, model_info: str, *,
+                       saved_name: str = "checkpoint", hint: str = "") -> None:
+  """Raises if ``saved``'s parameter names or shapes differ from the model's.
+
+  The one parameter-tree check: checkpoints before any array is read, and
+  imported, exported or saved ``hf_gpt2`` trees. ``saved`` and ``abstract``
+  are nested dicts whose leaves have a shape (orbax metadata,
+  ``jax.ShapeDtypeStruct``s, arrays).
 
   Raises:
-    CheckpointMismatchError: listing (at most) the first differences, e.g.
-      ``decoder/layers_0/mlp/wi/kernel: checkpoint [128, 512], model [256, 512]``.
+    CheckpointMismatchError: ``"{where} does not fit the configured model
+      ({model_info}):"``, then (at most) the first differences, one a line,
+      e.g. ``decoder/layers_0/mlp/wi/kernel: checkpoint [128, 512], model
+      [256, 512]`` (``saved_name`` names the first side), then ``hint``.
   """
-  saved = flax.traverse_util.flatten_dict(saved, sep="/")
-  wanted = flax.traverse_util.flatten_dict(abstract, sep="/")
+  saved = _shapes(saved)
+  wanted = _shapes(abstract)
   vocabulary_first = lambda name: (not name.startswith(("token_embedder", "logits")), name)
-  problems = _listed([f"{name}: in the model, not in the checkpoint"
+  problems = _listed([f"{name}: in the model, not in the {saved_name}"
                      for name in sorted(set(wanted) - set(saved))], 4)
-  problems += _listed([f"{name}: in the checkpoint, not in the model"
+  problems += _listed([f"{name}: in the {saved_name}, not in the model"
                       for name in sorted(set(saved) - set(wanted))], 4)
-  problems += _listed([f"{name}: checkpoint {list(saved[name].shape)}, model "
-                      f"{list(wanted[name].shape)}"
+  problems += _listed([f"{name}: {saved_name} {list(saved[name])}, model {list(wanted[name])}"
                       for name in sorted(set(saved) & set(wanted), key=vocabulary_first)
-                      if tuple(saved[name].shape) != tuple(wanted[name].shape)], 6)
+                      if saved[name] != wanted[name]], 6)
   if problems:
     shown = "\n  ".join(problems)
     raise CheckpointMismatchError(
-        f"checkpoint {where} does not fit the configured model ({model_info}):\n  {shown}"
-        "\nUse the gin file (model size, task/vocabulary) the checkpoint was trained "
-        "with; MODEL_DIR/config.gin holds its operative config.")
+        f"{where} does not fit the configured model ({model_info}):\n  {shown}{hint}")
 
 
 def _as_dict(tree: Any) -> Any:
@@ -313,7 +323,10 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint {where} has no state/params (found "
           f"{sorted(saved) if isinstance(saved, dict) else None})")
-    check_params_match(saved["params"], abstract_params, where, model_info)
+    check_params_match(
+        saved["params"], abstract_params, f"checkpoint {where}", model_info,
+        hint="\nUse the gin file (model size, task/vocabulary) the checkpoint was trained "
+        "with; MODEL_DIR/config.gin holds its operative config.")
 
   # -- reading ---------------------------------------------------------------------
 
@@ -514,9 +527,6 @@ class PreemptionHandler:
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
 
-  def request_stop(self) -> None:
-    self._event.set()
-
   def should_stop(self, collective: bool = True) -> bool:
     """Whether a process received a signal.
 
@@ -529,8 +539,7 @@ class PreemptionHandler:
       return local
     if not collective:
       return False
-    flags = multihost_utils.process_allgather(np.array(local, np.int32))
-    return bool(np.any(flags))
+    return cross_process.any_process(local)
 
   def __enter__(self) -> "PreemptionHandler":
     return self.install()

@@ -96,12 +96,6 @@ def text_only_bias(layout: VocabLayout, vocab_size: int) -> jax.Array:
   return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
 
 
-def logits_at(logits: jax.Array, lengths: jax.Array) -> jax.Array:
-  """logits [B, P, V] -> [B, V] at position ``lengths[b] - 1`` of each row."""
-  index = jnp.maximum(lengths - 1, 0)
-  return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
-
-
 def next_token_logits(logits: jax.Array, prompt_lengths: jax.Array) -> jax.Array:
   """A prefill's output as next-token logits ``[B, V]``.
 
@@ -111,7 +105,7 @@ def next_token_logits(logits: jax.Array, prompt_lengths: jax.Array) -> jax.Array
   if logits.ndim == 2:
     return logits
   if logits.ndim == 3:
-    return logits_at(logits, prompt_lengths)
+    return decoder_lib.last_logits(logits, prompt_lengths)
   raise ValueError(f"prefill_fn must return logits [B, V] or [B, P, V], got {logits.shape}")
 
 
@@ -405,13 +399,6 @@ def decode(prefill_fn: PrefillFn, step_fn: StepFn, cache: Any, prompt_tokens: ja
   raise ValueError(f"decoding method must be one of {METHODS}, got {method!r}")
 
 
-def strip_to_text(tokens: jax.Array, lengths: jax.Array, layout: VocabLayout) -> jax.Array:
-  """Zeroes <text_end> and everything from ``lengths`` on: text ids, PAD elsewhere."""
-  positions = jnp.arange(tokens.shape[1])[None, :]
-  keep = (positions < lengths[:, None]) & (tokens != layout.eos_id)
-  return jnp.where(keep, tokens, layout.pad_id)
-
-
 # ----------------------------------------------------------------------------
 # Model-bound prefill/step functions.
 # ----------------------------------------------------------------------------
@@ -490,5 +477,5 @@ def uncached_fns(module: decoder_lib.Decoder, params: Any) -> tuple[PrefillFn, S
     rows = jnp.arange(tokens.shape[0])
     sequence = state.tokens.at[rows, state.lengths].set(tokens, mode="drop")
     lengths = state.lengths + 1
-    return logits_at(forward(sequence), lengths), UncachedState(sequence, lengths)
+    return decoder_lib.last_logits(forward(sequence), lengths), UncachedState(sequence, lengths)
   return prefill_fn, step_fn

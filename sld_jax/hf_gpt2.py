@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -85,6 +86,7 @@ import safetensors.numpy
 from sld_jax import checkpointing
 from sld_jax import gpt2_vocab
 from sld_jax import hf_gpt2_files as hf_files
+from sld_jax import partitioning
 from sld_jax import vocab as vocab_lib
 from sld_jax.model import decoder as decoder_lib
 from sld_jax.model.config import DecoderConfig
@@ -170,28 +172,19 @@ def _resolve_layout(layout: Optional[vocab_lib.VocabLayout], speech_size: Option
 # ----------------------------------------------------------------------------
 
 
-def abstract_params(config: DecoderConfig) -> Params:
-  """Shapes and dtypes of the ``Decoder`` params (unboxed), nothing allocated."""
-  boxed = jax.eval_shape(lambda: decoder_lib.init_params(config, jax.random.key(0)))
-  return nn.meta.unbox(boxed)
+def _abstract_params(config: DecoderConfig, shardings: Optional[Params] = None) -> Params:
+  """The ``Decoder`` params as ``jax.ShapeDtypeStruct``s (with ``shardings``, if given)."""
+  abstract, _ = partitioning.abstract_state(
+      functools.partial(decoder_lib.init_params, config), jax.random.key(0))
+  return abstract if shardings is None else partitioning.with_shardings(abstract, shardings)
 
 
 def _check_tree(params: Params, config: DecoderConfig, where: str) -> None:
   """Raises if ``params`` does not have exactly the Decoder's names and shapes."""
-  def shapes(tree):
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf)))
-            for path, leaf in flat}
-  want, have = shapes(abstract_params(config)), shapes(params)
-  problems = [f"missing {name}" for name in sorted(set(want) - set(have))]
-  problems += [f"unexpected {name}" for name in sorted(set(have) - set(want))]
-  problems += [f"{name} has shape {have[name]}, expected {want[name]}"
-               for name in sorted(set(want) & set(have)) if want[name] != have[name]]
-  if problems:
-    raise ValueError(f"{where}: parameters do not fit the Decoder for this config "
-                     f"({config.num_layers} layers, embed_dim {config.embed_dim}, vocab_size "
-                     f"{config.vocab_size}), {len(problems)} problems: "
-                     + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+  checkpointing.check_params_match(
+      params, _abstract_params(config), where,
+      f"Decoder with {config.num_layers} layers, embed_dim {config.embed_dim}, vocab_size "
+      f"{config.vocab_size}", saved_name="parameters")
 
 
 def _new_rows(table: np.ndarray, count: int, method: str, rng: np.random.Generator) -> np.ndarray:
@@ -257,23 +250,13 @@ def _layer_to_hf(layer: Params, i: int) -> dict[str, np.ndarray]:
   }
 
 
-def _stack_layers(params: Params, num_layers: int) -> Params:
-  params = dict(params)
-  per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
-  params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-  return params
-
-
 def _host_params(params: Params, config: DecoderConfig, where: str) -> Params:
   """Unboxed, plain-stack float32 numpy params, checked against the config."""
   params = jax.device_get(nn.meta.unbox(params))
   _check_tree(params, config, where)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   if config.scan_layers:
-    params = dict(params)
-    stacked = params.pop("layers")
-    for i in range(config.num_layers):
-      params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    params = decoder_lib.unstack_layer_params(params, config.num_layers)
   return params
 
 
@@ -398,7 +381,7 @@ def load_hf_gpt2(model_dir: str, *, layout: Optional[vocab_lib.VocabLayout] = No
                      f"{sorted(leftover)[:10]}")
 
   if config.scan_layers:
-    params = _stack_layers(params, config.num_layers)
+    params = decoder_lib.stack_layer_params(params, config.num_layers)
   _check_tree(params, config, where)
   params = jax.tree.map(lambda x: np.asarray(x, config.params_dtype), params)
   return config, params, layout, id_map
@@ -448,7 +431,7 @@ def export_hf_gpt2(params: Params, config: DecoderConfig, layout: vocab_lib.Voca
     rows, eos, pad = text_id_map.ours_of_gpt2, text_id_map.gpt2_eos_id, None
   else:
     rows, eos, pad = np.arange(layout.size), vocab_lib.EOS_ID, vocab_lib.PAD_ID
-  host = _host_params(params, config, "export_hf_gpt2")
+  host = _host_params(params, config, "the params given to export_hf_gpt2")
   tensors = {
       "transformer.wte.weight": host["token_embedder"]["embedding"][rows],
       "transformer.wpe.weight": host["position_embedder"]["embedding"],
@@ -499,7 +482,7 @@ def save_params(params: Params, directory: str, *, config: DecoderConfig,
                 text_id_map: Optional[gpt2_vocab.TextIdMap] = None, source: str = "") -> str:
   """Writes ``directory/params`` (orbax) and ``directory/sld_jax_params.json``."""
   params = nn.meta.unbox(params)
-  _check_tree(params, config, "save_params")
+  _check_tree(params, config, "the params given to save_params")
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
@@ -544,17 +527,11 @@ def restore_params(directory: str, config: DecoderConfig, layout: vocab_lib.Voca
     if saved_layout != layout:
       raise ValueError(f"{meta_file}: the params were saved for {saved_layout}, "
                        f"the run uses {layout}")
-  abstract = abstract_params(config)
   checkpointing.verify_checksums(params_dir, step=0)
   checkpointer = ocp.StandardCheckpointer()
   saved_tree = checkpointer.metadata(params_dir).item_metadata.tree
-  _check_tree(saved_tree, config, f"orbax params {params_dir}")
-  if shardings is None:
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-  else:
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
-  return checkpointer.restore(params_dir, target)
+  _check_tree(saved_tree, config, f"the orbax params {params_dir}")
+  return checkpointer.restore(params_dir, _abstract_params(config, shardings))
 
 
 def place_params(params: Params, shardings: Params) -> Params:
@@ -594,10 +571,7 @@ def init_params_from(path: str, config: DecoderConfig, layout: vocab_lib.VocabLa
                                    init_seed=init_seed, new_row_init=new_row_init)
     return params if shardings is None else place_params(params, shardings)
   if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_SUBDIR)):
-    target = abstract_params(config)
-    if shardings is not None:
-      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            target, shardings)
+    target = _abstract_params(config, shardings)
     with contextlib.closing(checkpointing.model_dir_checkpoints(path)) as reader:
       return reader.restore_params(target, model_info=f"{config}, vocabulary {layout}")
   if _params_dir(path) is None:

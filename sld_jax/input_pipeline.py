@@ -46,10 +46,9 @@ import jax
 import numpy as np
 
 from sld_jax import model_inputs
+from sld_jax.model_inputs import FEATURES
 from sld_jax.vocab import EOS_ID, VocabLayout
 
-FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-            "decoder_segment_ids", "decoder_positions")
 HostBatch = dict[str, np.ndarray]
 
 

@@ -38,13 +38,12 @@ import numpy as np
 
 from sld_jax import decoding
 from sld_jax import losses
+from sld_jax import model_inputs
 from sld_jax.model import decoder as decoder_lib
 from sld_jax.model.config import DecoderConfig, decoder_config
 from sld_jax.vocab import VocabLayout
 
 Batch = Mapping[str, jax.Array]
-REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
-OPTIONAL_FEATURES = ("decoder_segment_ids", "decoder_positions")
 TIME_MASK_SYMBOLS = ("time_mask", "text_end")
 COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_kl_positions",
           "num_sequences", "num_target_tokens")
@@ -248,12 +247,12 @@ class SpeechTextLM:
     Raises:
       ValueError: naming the feature and what is wrong.
     """
-    missing = [name for name in REQUIRED_FEATURES if name not in batch]
-    unknown = [name for name in batch if name not in REQUIRED_FEATURES + OPTIONAL_FEATURES]
+    missing = [name for name in model_inputs.REQUIRED_FEATURES if name not in batch]
+    unknown = [name for name in batch if name not in model_inputs.FEATURES]
     if missing or unknown:
       raise ValueError(
           f"{where}: features {sorted(batch)}; missing {missing}, unexpected {unknown} "
-          f"(SpeechTextLM reads {REQUIRED_FEATURES + OPTIONAL_FEATURES})")
+          f"(SpeechTextLM reads {model_inputs.FEATURES})")
     shape = np.shape(batch["decoder_target_tokens"])
     for name, value in batch.items():
       value = np.asarray(value)
@@ -269,7 +268,7 @@ class SpeechTextLM:
           f"{where}: rows have {shape[1]} tokens but the decoder has "
           f"{self.config.max_length} learned positions (DecoderConfig.max_length)")
     for name in ("decoder_input_tokens", "decoder_target_tokens"):
-      losses.check_target_ids(batch[name], self.layout, f"{where}: {name}")
+      self.layout.check_ids(batch[name], f"{where}: {name}")
 
   # -- prediction and scoring of batches (t5x BaseModel.predict_batch / score_batch) --
 

@@ -189,25 +189,6 @@ class LossConfig:
     return dataclasses.asdict(self)
 
 
-def check_target_ids(targets, layout: VocabLayout, name: str = "targets") -> None:
-  """Host-side check that every id is a real vocabulary id.
-
-  Raises ValueError naming the first offending id and its position when an id
-  is negative or ``>= layout.real_size`` (rounding ids included).
-  """
-  ids = np.asarray(targets)
-  if not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"{name}: vocabulary ids must be integers, got dtype {ids.dtype}")
-  bad = (ids < 0) | (ids >= layout.real_size)
-  if np.any(bad):
-    position = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(
-        f"{name}: vocabulary ids out of range: id {int(ids[position])} at "
-        f"position {position} is outside [0, {layout.real_size}) "
-        f"(text_size={layout.text_size}, speech_size={layout.speech_size}; "
-        f"ids in [{layout.real_size}, {layout.size}) are rounding ids)")
-
-
 def _check_shapes(logits, targets, weights, segment_ids, layout) -> None:
   if not isinstance(layout, VocabLayout):
     raise ValueError(

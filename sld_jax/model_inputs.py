@@ -37,6 +37,12 @@ from sld_jax.vocab import PAD_ID, VocabLayout
 
 BOS_ID = PAD_ID  # seqio's make_autoregressive_inputs starts every sequence with 0
 
+# The features of a model batch (all ``[batch, length]`` int32), as
+# ``seqio.DecoderFeatureConverter`` names them; a batch needs the first
+# REQUIRED_FEATURES, packed rows add segment ids and positions.
+REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+FEATURES = REQUIRED_FEATURES + ("decoder_segment_ids", "decoder_positions")
+
 
 def decoder_input_tokens(targets, segment_ids=None) -> np.ndarray:
   """The targets shifted right by one, 0 first (per packed segment).

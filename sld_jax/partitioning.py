@@ -14,8 +14,13 @@ Model code names array axes logically ('batch', 'embed', 'heads', ...);
 
 Shardings come from an abstract init (nothing is allocated)::
 
-  params, shardings = init_sharded(partial(decoder.init_params, config), mesh,
-                                   rules, jax.random.key(0))
+  abstract, shardings = abstract_state(partial(decoder.init_params, config),
+                                       jax.random.key(0), mesh=mesh, rules=rules)
+  abstract['token_embedder']['embedding']
+      # ShapeDtypeStruct(shape=(V, E), dtype=float32,
+      #                  sharding=NamedSharding(mesh, PartitionSpec('model', 'fsdp')))
+  params = jax.jit(lambda key: nn.meta.unbox(decoder.init_params(config, key)),
+                   out_shardings=shardings)(jax.random.key(0))
 """
 
 from __future__ import annotations
@@ -138,23 +143,40 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: LogicalRules,
-                 *args) -> tuple[Any, Any]:
-  """Initialises a boxed tree directly into its shardings (MaxText style).
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """``ShapeDtypeStruct``s of ``abstract_tree``'s shapes/dtypes carrying ``shardings``.
 
-  ``jax.eval_shape(init_fn)`` gives the boxed abstract tree, then
-  ``logical_shardings`` and ``jax.jit(init_fn, out_shardings=...)``: every
-  device only ever allocates its own shard.
+  Both trees have the same structure; the result is what ``jax.jit`` lowers
+  against and what orbax restores into (any mesh shape).
+  """
+  return jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      abstract_tree, shardings)
+
+
+def abstract_state(init_fn: Callable[..., Any], *args, mesh: Optional[Mesh] = None,
+                   rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES) -> tuple[Any, Any]:
+  """Shapes, dtypes and shardings of ``init_fn(*args)``; nothing is allocated.
+
+  ``init_fn`` returns a tree boxed in ``nn.LogicallyPartitioned`` (e.g.
+  ``decoder.init_params`` or a ``TrainState`` around it). It is traced with
+  ``jax.eval_shape`` inside ``sharding_context(mesh, rules)`` and its logical
+  axes become ``NamedSharding``s (``logical_shardings``).
 
   Returns:
-    ``(values, shardings)``: unboxed arrays placed in their shardings, and the
-    ``NamedSharding`` tree (same structure) for ``jax.jit``'s in/out shardings.
+    ``(abstract, shardings)``: the unboxed tree as ``jax.ShapeDtypeStruct``s
+    carrying their shardings, and the ``NamedSharding`` tree (same
+    structure) for ``jax.jit``'s in/out shardings. Without a ``mesh`` the
+    structs carry no sharding and ``shardings`` is None (shapes only).
   """
+  if mesh is None:
+    boxed = jax.eval_shape(init_fn, *args)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+                        nn.meta.unbox(boxed)), None
   with sharding_context(mesh, rules):
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_shardings(abstract, mesh, rules)
-    values = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-  return values, shardings
+    boxed = jax.eval_shape(init_fn, *args)
+    shardings = logical_shardings(boxed, mesh, rules)
+  return with_shardings(nn.meta.unbox(boxed), shardings), shardings
 
 
 def data_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Optional
 
 from absl import logging
 
+from sld_jax import atomic_files
 from sld_jax import file_hashes
 from sld_jax.vocab import VocabLayout
 
@@ -279,12 +280,11 @@ def record(model_dir: str, train_data: Any, model_config: Any = None,
     for name, path in pending.files.items():
       target = os.path.join(directory, name)
       os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.copyfile(path, target + ".tmp")
-      os.replace(target + ".tmp", target)
-    with open(os.path.join(directory, MANIFEST + ".tmp"), "w") as f:
+      with atomic_files.replacing(target) as tmp:
+        shutil.copyfile(path, tmp)
+    with atomic_files.replacing(os.path.join(directory, MANIFEST)) as tmp, open(tmp, "w") as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
       f.write("\n")
-    os.replace(os.path.join(directory, MANIFEST + ".tmp"), os.path.join(directory, MANIFEST))
     logging.info("Recorded the run assets in %s: %s", directory, sorted(manifest["sha256"]))
   return RunAssets(directory, pending.hashed())
 

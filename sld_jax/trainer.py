@@ -100,12 +100,8 @@ class Trainer:
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = partitioning.data_sharding(mesh)
 
-    with self.context():
-      boxed = jax.eval_shape(self._init_boxed, self.init_key)
-      self.state_shardings = partitioning.logical_shardings(boxed, mesh, self.rules)
-    self.abstract_state = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        nn.meta.unbox(boxed), self.state_shardings)
+    self.abstract_state, self.state_shardings = partitioning.abstract_state(
+        self._init_boxed, self.init_key, mesh=mesh, rules=self.rules)
     self.num_params = param_count(self.abstract_state.params)
 
     jit = functools.partial(jax.jit, compiler_options=compiler_options)
@@ -130,8 +126,8 @@ class Trainer:
   def init_state(self) -> TrainState:
     """A fresh state, each device allocating only its shards.
 
-    (``partitioning.init_sharded`` in one jit, reusing the shardings derived
-    in ``__init__``.)
+    (One jit into the shardings ``partitioning.abstract_state`` derived in
+    ``__init__``.)
     """
     with self.context():
       return self._init(self.init_key)
@@ -180,10 +176,10 @@ class Trainer:
     step_key = jax.random.fold_in(self.train_key, state.step)
     grads, sums = self._gradients(state.params, batch, step_key)
     metrics = self.model.from_sums(sums)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(self.learning_rate(state.step), jnp.float32)
     state = state.apply_gradients(grads, self.optimizer)
-    metrics["param_norm"] = optax.global_norm(state.params)
+    metrics["param_norm"] = optax.tree.norm(state.params)
     return state, metrics
 
   def _eval_sums(self, params, batch):

@@ -148,11 +148,24 @@ class VocabLayout:
           f"(units are [{self.speech_offset}, {self.real_size}))")
     return ids - self.speech_offset
 
-  def check_ids(self, ids, name: str = "ids"):
-    """Raises ValueError if any id is outside [0, real_size)."""
+  def check_ids(self, ids, name: str = "ids") -> None:
+    """Host-side check that every id is a real vocabulary id, in ``[0, real_size)``.
+
+    ``VocabLayout(5, 3).check_ids([[0, 1, 9]], "targets")`` raises
+    ``targets: id 9 at position (0, 2) is outside the vocabulary [0, 9) ...``
+    (9 is <time_mask>, an input-only id).
+
+    Raises:
+      ValueError: the ids are not integers, or naming the first id that is
+        negative or ``>= real_size`` (rounding ids included) and its position.
+    """
     ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= self.real_size):
-      bad = ids[(ids < 0) | (ids >= self.real_size)][0]
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"{name}: vocabulary ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= self.real_size)
+    if np.any(bad):
+      position = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
-          f"{name}: id {int(bad)} is outside the vocabulary [0, {self.real_size}) "
-          f"(text_size={self.text_size}, speech_size={self.speech_size})")
+          f"{name}: id {int(ids[position])} at position {position} is outside the vocabulary "
+          f"[0, {self.real_size}) (text_size={self.text_size}, speech_size={self.speech_size}; "
+          f"ids in [{self.real_size}, {self.size}) are <time_mask> and rounding ids)")

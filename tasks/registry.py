@@ -65,7 +65,6 @@ import tensorflow as tf
 from sld_jax import gpt2_vocab
 from sld_jax import seqio_vocab
 from sld_jax import vocab as vocab_lib
-from sld_jax import wer
 from sld_jax.speech import embedded_corpus
 from sld_jax.speech import prepare as prepare_lib
 from tasks import preprocessors
@@ -265,7 +264,6 @@ def register_task(task_name: str, splits, *,
                      preprocessors.truncate_speech_to_fit],
       output_features={"targets": seqio.Feature(
           vocabulary=vocabulary, add_eos=False, dtype=tf.int32)},
-      metric_fns=[wer.wer_metric],
       shuffle_buffer_size=10_000)
 
 

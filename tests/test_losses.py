@@ -644,14 +644,3 @@ def test_shape_mismatches_name_the_argument():
     losses.compute_loss(logits[..., :19], targets, weights, None, layout=LAYOUT)
   with pytest.raises(ValueError, match=r"config must be a LossConfig"):
     losses.compute_loss_from_config(logits, targets, weights, None, LAYOUT, {})
-
-
-def test_check_target_ids():
-  losses.check_target_ids(np.array([[0, 1, 18]]), LAYOUT)
-  with pytest.raises(ValueError, match=r"id 19 at position \(0, 2\).*\[0, 19\)"):
-    losses.check_target_ids(np.array([[0, 1, 19]]), LAYOUT)
-  with pytest.raises(ValueError, match=r"decoder_target_tokens.*id -1 at position \(1, 0\)"):
-    losses.check_target_ids(np.array([[3, 4], [-1, 2]]), LAYOUT,
-                            name="decoder_target_tokens")
-  with pytest.raises(ValueError, match=r"must be integers"):
-    losses.check_target_ids(np.array([[1.0]]), LAYOUT)

@@ -25,6 +25,14 @@ TINY = DecoderConfig(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, ml
                      max_length=32, dropout_rate=0.1)
 
 
+def _init_sharded(init_fn, mesh, *args):
+  """``(values, shardings)``: ``init_fn(*args)`` unboxed, each device allocating its shards."""
+  _, shardings = partitioning.abstract_state(init_fn, *args, mesh=mesh, rules=RULES)
+  with partitioning.sharding_context(mesh, RULES):
+    values = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  return values, shardings
+
+
 def _needs_8_devices():
   # Fail, never skip: tests/conftest.py always asks XLA for 8 CPU devices.
   assert jax.device_count() == 8, (
@@ -104,8 +112,8 @@ def _packed_batch():
 def test_sharded_forward_equals_single_device(mesh_shape, config):
   _needs_8_devices()
   mesh = partitioning.make_mesh(*mesh_shape)
-  params, shardings = partitioning.init_sharded(
-      functools.partial(decoder.init_params, config), mesh, RULES, jax.random.key(0))
+  params, shardings = _init_sharded(
+      functools.partial(decoder.init_params, config), mesh, jax.random.key(0))
 
   embedding = params["token_embedder"]["embedding"]
   assert embedding.sharding.spec == P("model", "fsdp")
@@ -181,8 +189,8 @@ def test_sharded_loss_and_grads_equal_single_device(method, kl_target):
   layout = VocabLayout(text_size=40, speech_size=60)
   config = TINY.replace(vocab_size=layout.size)
   mesh = partitioning.make_mesh(data=4, fsdp=1, model=2)
-  params, shardings = partitioning.init_sharded(
-      functools.partial(decoder.init_params, config), mesh, RULES, jax.random.key(1))
+  params, shardings = _init_sharded(
+      functools.partial(decoder.init_params, config), mesh, jax.random.key(1))
   model = decoder.Decoder(config)
   rng = np.random.default_rng(1)
   segments = _packed_batch()[2]

@@ -51,8 +51,20 @@ def test_units_round_trip_and_range_errors():
     layout.units_to_ids([1, 4])
   with pytest.raises(ValueError, match="not a speech unit id"):
     layout.ids_to_units([11, 10])
-  with pytest.raises(ValueError, match="targets: id 15 is outside"):
+  with pytest.raises(ValueError, match=r"targets: id 15 at position \(0, 2\) is outside"):
     layout.check_ids(np.array([[0, 1, 15]]), "targets")
+
+
+def test_check_ids_names_the_first_bad_id_and_its_position():
+  layout = VocabLayout(text_size=9, speech_size=9)   # real_size 19
+  layout.check_ids(np.array([[0, 1, 18]]))
+  layout.check_ids([])
+  with pytest.raises(ValueError, match=r"id 19 at position \(0, 2\).*\[0, 19\)"):
+    layout.check_ids(np.array([[0, 1, 19]]))
+  with pytest.raises(ValueError, match=r"decoder_target_tokens: id -1 at position \(1, 0\)"):
+    layout.check_ids(np.array([[3, 4], [-1, 2]]), "decoder_target_tokens")
+  with pytest.raises(ValueError, match=r"must be integers"):
+    layout.check_ids(np.array([[1.0]]))
 
 
 def test_invalid_layouts():

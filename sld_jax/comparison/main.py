@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from sld_jax import atomic_files
 from sld_jax import gin_utils
 from sld_jax.comparison import gin_values
 from sld_jax.comparison import markdown
@@ -59,10 +60,9 @@ def save_plan(out: str, plan: Sequence[plan_lib.RunSpec],
               invocations: Sequence[dict[str, Any]]) -> None:
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, PLAN_FILE)
-  with open(path + ".tmp", "w") as f:
+  with atomic_files.replacing(path) as tmp, open(tmp, "w") as f:
     json.dump({"runs": [s.to_json() for s in plan], "invocations": list(invocations)}, f,
               indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def compact_json(data: Any) -> str:
@@ -80,9 +80,7 @@ def write_report(directory: str, results: dict[str, Any], figures: bool = True) 
   for name, text in (("results.md", markdown.render(results, FIGURES_DIR)),
                      ("results.json", compact_json(results))):
     path = os.path.join(directory, name)
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+    atomic_files.write_text(path, text)
     written.append(path)
   if figures:
     written += plots.write_all(results, os.path.join(directory, FIGURES_DIR))

@@ -51,7 +51,7 @@ of different lengths need no left-padding because the cache keeps a per-row
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -283,7 +283,7 @@ def _as_model(config_or_model: Union[DecoderConfig, Decoder]) -> Decoder:
 def init_params(config_or_model: Union[DecoderConfig, Decoder], rng: Array) -> Params:
   """Fresh parameters, still boxed in ``nn.LogicallyPartitioned``.
 
-  Boxed so that ``partitioning.init_sharded`` can read the logical axes;
+  Boxed so that ``partitioning.abstract_state`` can read the logical axes;
   ``nn.meta.unbox`` gives plain arrays.
   """
   return _jitted_init_params(_as_model(config_or_model), rng)
@@ -428,14 +428,26 @@ def last_logits(logits: Array, lengths: Array) -> Array:
   return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
 
 
+def _stack(arrays: Sequence[Any]) -> Any:
+  if all(isinstance(x, np.ndarray) for x in arrays):
+    return np.stack(arrays)
+  return jnp.stack(arrays)
+
+
 def stack_layer_params(params: Params, num_layers: int) -> Params:
-  """Plain-stack params (``layers_0..layers_{n-1}``) -> scanned (``layers``)."""
+  """Plain-stack params (``layers_0..layers_{n-1}``) -> scanned (``layers``).
+
+  Each leaf of ``layers`` is the layers' leaves stacked on a new leading
+  axis: ``layers_0/mlp/wi/kernel [E, M]``, ``layers_1/...`` ->
+  ``layers/mlp/wi/kernel [2, E, M]``. Host (NumPy) leaves stay on the host;
+  ``unstack_layer_params`` is the inverse.
+  """
   params = dict(params)
   missing = [f"layers_{i}" for i in range(num_layers) if f"layers_{i}" not in params]
   if missing:
     raise ValueError(f"stack_layer_params: params lack {missing}")
   per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
-  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  params["layers"] = jax.tree.map(lambda *xs: _stack(xs), *per_layer)
   return params
 
 

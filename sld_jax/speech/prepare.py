@@ -65,6 +65,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from sld_jax import atomic_files
 from sld_jax.speech import audio as audio_lib
 from sld_jax.speech import corpus_sources
 from sld_jax.speech import features as features_lib
@@ -206,11 +207,9 @@ def _mark_done(out_dir: str, name: str, info: Mapping[str, Any]) -> None:
 
 
 def _write_json(path: str, value: Any) -> None:
-  tmp = path + ".incomplete"
-  with open(tmp, "w") as f:
+  with atomic_files.replacing(path) as tmp, open(tmp, "w") as f:
     json.dump(value, f, indent=2, sort_keys=True)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def _read_json(path: str) -> Any:
@@ -460,8 +459,8 @@ class _Preparer:
     if self.options.text_model_file:
       from sld_jax import seqio_vocab  # pylint: disable=g-import-not-at-top
       seqio_vocab.check_text_model(self.options.text_model_file)
-      shutil.copyfile(self.options.text_model_file, path + ".incomplete")
-      os.replace(path + ".incomplete", path)
+      with atomic_files.replacing(path) as tmp:
+        shutil.copyfile(self.options.text_model_file, tmp)
     else:
       transcripts = [text for text in (self._usable_text(TRAIN, u)
                                        for u in self.source.utterances(TRAIN)) if text]

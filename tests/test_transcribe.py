@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 
 from sld_jax import eval as eval_lib
-from sld_jax import evaluation
+from sld_jax import scoring
 from sld_jax import input_pipeline
 from sld_jax import run_assets
 from sld_jax import transcribe as transcribe_lib
@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_GIN = "gin_configs/experiments/smoke.gin"
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
 STEPS = 2
-DECODING = evaluation.DecodingConfig(max_decode_length=8)
+DECODING = scoring.DecodingConfig(max_decode_length=8)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_batches_and_buckets_change_no_hypothesis(run_dir, audio):
   width = max(len(p) for p in prompts)
   buckets = {int(2 ** np.ceil(np.log2(max(len(p), 16)))) for p in prompts}
   for method in ("greedy", "beam"):
-    config = evaluation.DecodingConfig(method=method, beam_size=3, max_decode_length=8)
+    config = scoring.DecodingConfig(method=method, beam_size=3, max_decode_length=8)
     score = transcribe_lib.transcribe(run_dir, items, decoding_config=config, batch_size=2,
                                       progress=False)
     assert [p["audio"] for p in score.predictions] == [i.audio for i in items]
@@ -202,7 +202,7 @@ def test_batches_and_buckets_change_no_hypothesis(run_dir, audio):
       assert prediction["speech_tokens"] == len(prompt) - 2
       result = alone(params, np.pad(prompt, (0, width - len(prompt)))[None],
                      np.array([len(prompt)], np.int32))
-      tokens = evaluation.decoding_text_ids(np.asarray(result.tokens[0]),
+      tokens = scoring.decoding_text_ids(np.asarray(result.tokens[0]),
                                             int(result.lengths[0]), lm.layout)
       assert prediction["hypothesis_tokens"] == len(tokens)
       assert prediction["decode_score"] == pytest.approx(float(result.scores[0]), abs=1e-4)

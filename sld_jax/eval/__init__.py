@@ -7,9 +7,12 @@ r"""Scores checkpoints on every eval split: ``python -m sld_jax.eval``.
     [--gin.evaluate.steps=\"all\"] [--gin.DecodingConfig.method=\"beam\"] \
     [--gin.DecodingConfig.beam_size=8] [--gin.evaluate.splits=[\"test\"]]
 
-The experiment's gin file gives the model, the task (``TASK``), the mesh and
-the batch shape (``BATCH_SIZE`` rows of ``SEQUENCE_LENGTH`` tokens), exactly
-as in training; ``evaluate.*`` bindings override them. ``CHECKPOINT_PATH``
+The configuration is the experiment's gin file(s), then the eval command's
+run file ``gin_configs/runs/eval.gin`` (``EVAL_GIN``, t5x style), then the
+``--gin`` bindings. The experiment gives the model, the task (``TASK``), the
+mesh and the batch shape (``BATCH_SIZE`` rows of ``SEQUENCE_LENGTH``
+tokens), exactly as in training; eval.gin binds them to ``evaluate`` and
+requires ``CHECKPOINT_PATH`` and ``EVAL_OUTPUT_DIR``. ``CHECKPOINT_PATH``
 is a MODEL_DIR (with ``checkpoints/<step>/``), its ``checkpoints`` directory,
 or one step directory. ``evaluate.steps`` picks "latest" (default), "all",
 or given steps; a step directory pins its step. Only the parameters are
@@ -28,6 +31,10 @@ Outputs (``EVAL_OUTPUT_DIR``)::
 A split already scored with the same decoding settings is skipped (and
 reported from its metrics.json), so rerunning with ``steps="all"`` scores
 only new checkpoints. A summary table goes to the console.
+
+(A package so that ``python -m sld_jax.eval`` runs ``__main__.py`` against
+this module as imported: gin then registers ``evaluate`` once, whether
+eval.gin's ``import sld_jax.eval`` or the command line comes first.)
 """
 
 from __future__ import annotations
@@ -47,11 +54,11 @@ import jax
 
 from sld_jax import checkpointing
 from sld_jax import cli
-from sld_jax import eval_data
-from sld_jax import evaluation
+from sld_jax import eval_batches
 from sld_jax import gin_utils
 from sld_jax import partitioning
 from sld_jax import run_assets
+from sld_jax import scoring
 from sld_jax.lm import SpeechTextLM
 from sld_jax.vocab import VocabLayout
 
@@ -121,10 +128,6 @@ def select_steps(location: CheckpointLocation, steps: Steps = "latest") -> list[
   return sorted(wanted)
 
 
-# The shape check lives with the checkpoint reader (training resume uses it too).
-check_params_match = checkpointing.check_params_match
-
-
 def _training_layout(source: Any) -> Optional[VocabLayout]:
   """The layout of the data a checkpoint was trained on, if it can be known cheaply."""
   if not isinstance(source, dict):
@@ -181,21 +184,6 @@ def restore_params(location: CheckpointLocation, step: int, abstract: Any, layou
 # ----------------------------------------------------------------------------
 
 
-def _macro(name: str) -> Any:
-  """A gin macro's value, or None when the config does not define it."""
-  try:
-    return gin.query_parameter(f"%{name}")
-  except ValueError:
-    return None
-
-
-def _required_macro(name: str, example: str) -> Any:
-  value = _macro(name)
-  if value is None or isinstance(value, gin.config.ConfigurableReference):
-    raise ValueError(f"the gin macro {name} is required: pass --gin.{name}={example}")
-  return value
-
-
 def run_layout(location: CheckpointLocation, task_names: Sequence[str]) -> VocabLayout:
   """The vocabulary layout recorded in the run directory (``sld_jax.run_assets``).
 
@@ -222,12 +210,12 @@ def run_layout(location: CheckpointLocation, task_names: Sequence[str]) -> Vocab
   return layouts[task_names[0]]
 
 
-def _split_settings(decoding_config: evaluation.DecodingConfig, **extra) -> dict[str, Any]:
+def _split_settings(decoding_config: scoring.DecodingConfig, **extra) -> dict[str, Any]:
   return {**decoding_config.describe(), **extra}
 
 
 def _already_scored(directory: str, settings: dict[str, Any]) -> Optional[dict[str, Any]]:
-  path = os.path.join(directory, evaluation.METRICS_FILE)
+  path = os.path.join(directory, scoring.METRICS_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -236,13 +224,14 @@ def _already_scored(directory: str, settings: dict[str, Any]) -> Optional[dict[s
   return metrics if same else None
 
 
-def evaluate(checkpoint_path: str, output_dir: str, *,
-             task_names: Optional[Sequence[str]] = None,
+@gin.configurable
+def evaluate(checkpoint_path: str = gin.REQUIRED, output_dir: str = gin.REQUIRED, *,
+             task_names: Sequence[str] = gin.REQUIRED,
              splits: Optional[Sequence[str]] = None,
              steps: Steps = "latest",
-             batch_size: Optional[int] = None,
-             sequence_length: Optional[int] = None,
-             decoding_config: Optional[evaluation.DecodingConfig] = None,
+             batch_size: int = gin.REQUIRED,
+             sequence_length: int = gin.REQUIRED,
+             decoding_config: Optional[scoring.DecodingConfig] = None,
              model: Callable[..., SpeechTextLM] = SpeechTextLM,
              mesh: Optional[jax.sharding.Mesh] = None,
              logical_axis_rules: Optional[partitioning.LogicalRules] = None,
@@ -253,14 +242,18 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
              progress: bool = True) -> list[dict[str, Any]]:
   """Scores checkpoint steps on eval splits; returns one metrics row per split.
 
+  Gin (``gin_configs/runs/eval.gin``) binds the arguments from the macros
+  ``CHECKPOINT_PATH``, ``EVAL_OUTPUT_DIR``, ``TASK``, ``BATCH_SIZE`` and
+  ``SEQUENCE_LENGTH`` and the experiment's model and mesh.
+
   Args:
     checkpoint_path: MODEL_DIR, its checkpoints dir, or a step dir.
     output_dir: where results go (module docstring).
-    task_names: default: ``[TASK]`` from the experiment's gin config.
+    task_names: the seqio tasks whose splits are scored.
     splits: default: every split of each task but "train".
     steps: "latest", "all", a step or a list of steps.
-    batch_size: global rows per batch; default the ``BATCH_SIZE`` macro.
-    sequence_length: longest example in tokens; default ``SEQUENCE_LENGTH``.
+    batch_size: global rows per batch.
+    sequence_length: longest example in tokens.
     decoding_config: default ``DecodingConfig()`` (gin-configured).
     model: ``model(layout) -> SpeechTextLM`` (gin-configured, as in training).
     mesh / logical_axis_rules: default ``partitioning.make_mesh()`` /
@@ -273,37 +266,30 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
   """
   location = locate_checkpoints(checkpoint_path)
   step_list = select_steps(location, steps)
-  if not task_names and _macro("TASK") is None:
-    raise ValueError("sld_jax.eval scores the splits of seqio tasks, and this gin config "
-                     "defines no TASK macro (generated data has no eval splits; its dev WER "
-                     "comes from training's evaluation.DecodingEvaluator). Pass "
-                     "--gin.TASK=\\\"task_name\\\" or --gin.evaluate.task_names=[...]")
-  task_names = list(task_names or [_macro("TASK")])
-  batch_size = batch_size or _required_macro("BATCH_SIZE", "64")
-  sequence_length = sequence_length or _required_macro("SEQUENCE_LENGTH", "1024")
-  decoding_config = decoding_config or evaluation.DecodingConfig()
+  task_names = list(task_names)
+  decoding_config = decoding_config or scoring.DecodingConfig()
   mesh = partitioning.make_mesh() if mesh is None else mesh
   rules = partitioning.logical_axis_rules() if logical_axis_rules is None else logical_axis_rules
 
   layout = run_layout(location, task_names)
   lm = model(layout)
   model_info = f"{lm.config}, vocabulary {layout} of task(s) {task_names}"
-  abstract, shardings = evaluation.abstract_params(lm, mesh, rules)
-  scorer = evaluation.Scorer(lm, mesh, rules, shardings, decoding_config)
+  abstract, shardings = scoring.abstract_params(lm, mesh, rules)
+  scorer = scoring.Scorer(lm, mesh, rules, shardings, decoding_config)
 
   pairs = [(name, split) for name in task_names
-           for split in (splits or eval_data.eval_splits(name))]
+           for split in (splits or eval_batches.eval_splits(name))]
   for name, split in pairs:
-    eval_data.check_split(name, split)
+    eval_batches.check_split(name, split)
   data = {}
 
   def split_data(name: str, split: str):
     """The split's batches and detokenizer, read once on first use."""
     if (name, split) not in data:
-      data[(name, split)] = (eval_data.task_eval_batches(
+      data[(name, split)] = (eval_batches.task_eval_batches(
           name, split, sequence_length=sequence_length, batch_size=batch_size,
           process_index=jax.process_index(), process_count=jax.process_count(),
-          max_batches=max_batches), eval_data.task_detokenizer(name))
+          max_batches=max_batches), eval_batches.task_detokenizer(name))
     return data[(name, split)]
 
   is_primary = jax.process_index() == 0
@@ -330,12 +316,12 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
     params = restore_params(location, step, abstract, layout, model_info, task_names)
     for (name, split), directory in pending.items():
       batches, detokenize = split_data(name, split)
-      score = evaluation.score_batches(
+      score = scoring.score_batches(
           scorer, params, batches, detokenize, name=f"step {step} {name}/{split}",
           lowercase=lowercase, teacher_forced=teacher_forced, progress=progress)
       extra = {**settings, "task": name, "split": split,
                "checkpoint": os.path.join(location.directory, str(step))}
-      evaluation.write_split(directory, score, extra)
+      scoring.write_split(directory, score, extra)
       row = {**extra, **score.metrics}
       rows.append(row)
       if is_primary:
@@ -343,7 +329,7 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
           f.write(json.dumps(row, default=float) + "\n")
     del params
   if is_primary:
-    print(evaluation.summary_table(rows), flush=True)
+    print(scoring.summary_table(rows), flush=True)
   return rows
 
 
@@ -352,32 +338,42 @@ def evaluate(checkpoint_path: str, output_dir: str, *,
 # ----------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
+EVAL_GIN = "gin_configs/runs/eval.gin"
 
 
-# Training-only macros an experiment requires; evaluation never reads them.
-_TRAINING_PLACEHOLDERS = ('MODEL_DIR = "(unused by sld_jax.eval)"', "TRAIN_STEPS = 1")
+def configure(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+              search_paths: Sequence[str] = gin_utils.DEFAULT_SEARCH_PATHS) -> None:
+  """Parses the experiment's files, then ``EVAL_GIN``, then the bindings.
 
+  ``EVAL_GIN`` is added after the given files unless it is among them
+  (``--gin_file=<experiment> --gin_file=gin_configs/runs/eval.gin``, as t5x
+  is called, works as well).
 
-# Macros this main reads itself (gin.query_parameter), so they may be set on
-# the command line although no binding references them.
-_READ_MACROS = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "TASK", "BATCH_SIZE", "SEQUENCE_LENGTH")
+  Raises:
+    gin_utils.GinConfigError: a required macro is missing or unknown, e.g.
+      ``TASK`` for an experiment on generated data (no eval splits).
+  """
+  files = list(gin_files)
+  if not any(os.path.normpath(f).endswith(os.path.normpath(EVAL_GIN)) for f in files):
+    files.append(EVAL_GIN)
+  try:
+    gin_utils.parse_gin_config(files, gin_bindings, search_paths, known_macros=())
+  except gin_utils.GinConfigError as e:
+    if "'TASK/gin.macro'" not in str(e):
+      raise
+    raise gin_utils.GinConfigError(
+        "sld_jax.eval scores the splits of seqio tasks, and this gin config defines no TASK "
+        "macro (generated data has no eval splits; its dev WER comes from training's "
+        "evaluators.DecodingEvaluator). Pass --gin.TASK=\\\"task_name\\\" or "
+        "--gin.evaluate.task_names=[...]") from None
 
 
 def main(argv) -> None:
   cli.start(argv)
-  configured = gin.configurable("evaluate", module="sld_jax.eval")(evaluate)
-  gin_utils.parse_gin_config(FLAGS.gin_file,
-                             list(_TRAINING_PLACEHOLDERS) + list(FLAGS.gin_bindings),
-                             FLAGS.gin_search_paths, known_macros=_READ_MACROS)
-  checkpoint_path = _required_macro("CHECKPOINT_PATH", '\\"/path/to/MODEL_DIR\\"')
-  output_dir = _required_macro("EVAL_OUTPUT_DIR", '\\"/path/to/eval\\"')
-  configured(checkpoint_path, output_dir)
+  configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  evaluate()
 
 
 def run() -> None:
   cli.define_flags()
   app.run(main, argv=gin_utils.rewrite_gin_args(sys.argv))
-
-
-if __name__ == "__main__":
-  run()

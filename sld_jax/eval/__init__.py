@@ -52,6 +52,7 @@ from absl import logging
 import gin
 import jax
 
+from sld_jax import atomic_files
 from sld_jax import checkpointing
 from sld_jax import cli
 from sld_jax import eval_batches
@@ -286,7 +287,7 @@ def evaluate(checkpoint_path: str = gin.REQUIRED, output_dir: str = gin.REQUIRED
   def split_data(name: str, split: str):
     """The split's batches and detokenizer, read once on first use."""
     if (name, split) not in data:
-      data[(name, split)] = (eval_batches.task_eval_batches(
+      data[(name, split)] = (eval_batches.read_task_split(
           name, split, sequence_length=sequence_length, batch_size=batch_size,
           process_index=jax.process_index(), process_count=jax.process_count(),
           max_batches=max_batches), eval_batches.task_detokenizer(name))
@@ -294,9 +295,8 @@ def evaluate(checkpoint_path: str = gin.REQUIRED, output_dir: str = gin.REQUIRED
 
   is_primary = jax.process_index() == 0
   if is_primary:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, gin_utils.CONFIG_FILENAME), "w") as f:
-      f.write(gin.config_str())
+    atomic_files.write_text(os.path.join(output_dir, gin_utils.CONFIG_FILENAME),
+                            gin.config_str())
   rows = []
   for step in step_list:
     settings = _split_settings(decoding_config, step=step, max_batches=max_batches,

@@ -3,10 +3,10 @@
 The shared core of ``python -m sld_jax.eval``, of training's periodic dev
 evaluation (``sld_jax.evaluators.DecodingEvaluator``) and of transcription.
 ``score_batches``: for every fixed-shape batch of utterances
-(``sld_jax.eval_batches``) it decodes the
-transcripts (greedy or beam search from the prompt ``units <speech_end>``,
-``sld_jax.decoding``), scores the references with teacher forcing, and
-aligns hypotheses with references (``sld_jax.wer``, counting as jiwer 4.0).
+(``sld_jax.eval_batches``) it decodes the transcripts (greedy or beam search
+from the prompt ``units <speech_end>``, ``sld_jax.decoding``), scores the
+references with teacher forcing, and aligns hypotheses with references
+(``sld_jax.wer``, counting as jiwer 4.0).
 
 ``Scorer`` holds the jitted functions under the training mesh and parameter
 shardings. Decoding compiles once per prompt bucket ``P``; the KV cache
@@ -242,8 +242,9 @@ def _agreed_buckets(batches: Sequence[Mapping[str, np.ndarray]], layout: VocabLa
     if top > limit:
       row = int(np.argmax(lengths))
       raise ValueError(
-          f"{name} batch {index}: row {row} ({eval_batches.row_name(batch, row)}) has a {top}-token "
-          f"prompt; the model holds at most {limit} positions (DecoderConfig.max_length)")
+          f"{name} batch {index}: row {row} ({eval_batches.row_name(batch, row)}) has a "
+          f"{top}-token prompt; the model holds at most {limit} positions "
+          "(DecoderConfig.max_length)")
     longest.append(top)
   longest = cross_process.all_max(np.asarray(longest, np.int64))
   return [eval_batches.prompt_bucket(n, limit) for n in longest]
@@ -324,8 +325,8 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
   bar.close()
   metrics = _corpus_metrics(scorer, predictions, words, chars, generated, sums)
   metrics.update(_speed(metrics, decode_seconds, scorer.compile_seconds - compile_start))
-  metrics.update(zip(eval_batches.TRUNCATION_METRICS,
-                     (int(x) for x in cross_process.all_sum(eval_batches.truncation_counts(batches)))))
+  truncations = cross_process.all_sum(eval_batches.truncation_counts(batches))
+  metrics.update(zip(eval_batches.TRUNCATION_METRICS, (int(x) for x in truncations)))
   return SplitScore(predictions, metrics)
 
 

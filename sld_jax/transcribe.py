@@ -190,10 +190,10 @@ def length_batches(prompts: Sequence[np.ndarray], rows: int, limit: int) -> list
 def load_model(model_dir: str, assets, step: Optional[int] = None):
   """``SpeechTextLM`` with the run's decoder config, and its parameters."""
   import functools  # pylint: disable=g-import-not-at-top
-  from sld_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  from sld_jax import scoring  # pylint: disable=g-import-not-at-top
   from sld_jax import partitioning  # pylint: disable=g-import-not-at-top
   from sld_jax import run_assets  # pylint: disable=g-import-not-at-top
+  from sld_jax import scoring  # pylint: disable=g-import-not-at-top
+  from sld_jax import trained_run  # pylint: disable=g-import-not-at-top
   from sld_jax.lm import SpeechTextLM  # pylint: disable=g-import-not-at-top
   from sld_jax.model.config import DecoderConfig  # pylint: disable=g-import-not-at-top
   if not assets.model:
@@ -206,12 +206,12 @@ def load_model(model_dir: str, assets, step: Optional[int] = None):
   mesh = partitioning.make_mesh()
   rules = partitioning.DEFAULT_LOGICAL_AXIS_RULES
   abstract, shardings = scoring.abstract_params(lm, mesh, rules)
-  location = eval_lib.locate_checkpoints(model_dir)
-  step = eval_lib.select_steps(location, "latest" if step is None else step)[-1]
+  location = trained_run.locate_checkpoints(model_dir)
+  step = trained_run.select_steps(location, "latest" if step is None else step)[-1]
   task = assets.manifest.get("source", {}).get("task")
-  params = eval_lib.restore_params(location, step, abstract, lm.layout,
-                                   f"{lm.config} from {assets.path(run_assets.MANIFEST)}",
-                                   [task] if task else [])
+  params = trained_run.restore_params(location, step, abstract, lm.layout,
+                                      f"{lm.config} from {assets.path(run_assets.MANIFEST)}",
+                                      [task] if task else [])
   return lm, mesh, rules, shardings, params, step
 
 

@@ -1,5 +1,5 @@
-"""The eval command (sld_jax.eval): bad checkpoint paths, gin_configs/runs/eval.gin,
-and the command end to end on a checkpoint of the smoke experiment."""
+"""The eval command (sld_jax.eval) end to end on a checkpoint of the smoke
+experiment, and checkpoints of another model or vocabulary refused."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from sld_jax import eval as eval_lib
 from sld_jax import partitioning
 from sld_jax import scoring
+from sld_jax import trained_run
 from sld_jax.lm import SpeechTextLM
 from sld_jax.model.config import decoder_config
 from sld_jax.vocab import VocabLayout
@@ -24,23 +25,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_GIN = "gin_configs/experiments/smoke.gin"
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
-
-# ----------------------------------------------------------------------------
-# Bad input.
-# ----------------------------------------------------------------------------
-
-
-def test_missing_or_empty_checkpoint_dirs_raise(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist.*expected a MODEL_DIR"):
-    eval_lib.locate_checkpoints(str(tmp_path / "nope"))
-  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match="no checkpoints in .*empty/checkpoints"):
-    eval_lib.locate_checkpoints(str(tmp_path / "empty"))
-  (tmp_path / "junk").mkdir()
-  (tmp_path / "junk" / "notes.txt").write_text("x")
-  with pytest.raises(FileNotFoundError, match=r"no checkpoints in .*junk \(found \['notes.txt'\]"):
-    eval_lib.locate_checkpoints(str(tmp_path / "junk"))
-
 
 # ----------------------------------------------------------------------------
 # End to end: train the smoke experiment briefly, then `python -m sld_jax.eval`.
@@ -103,7 +87,7 @@ def test_eval_cli_end_to_end(smoke_model_dir, tmp_path, monkeypatch):
   # Scored splits are skipped on a second run (no checkpoint is read).
   def no_restore(*args, **kwargs):
     raise AssertionError("a scored step was restored again")
-  monkeypatch.setattr(eval_lib, "restore_params", no_restore)
+  monkeypatch.setattr(trained_run, "restore_params", no_restore)
   model = functools.partial(SpeechTextLM, decoder=functools.partial(
       decoder_config, size="tiny", num_layers=2, embed_dim=128, mlp_dim=512, max_length=256))
   rows = eval_lib.evaluate(smoke_model_dir, out, task_names=[SMOKE_TASK], batch_size=8,
@@ -114,7 +98,7 @@ def test_eval_cli_end_to_end(smoke_model_dir, tmp_path, monkeypatch):
 
 
 def test_checkpoint_of_another_model_or_vocabulary_raises(smoke_model_dir):
-  location = eval_lib.locate_checkpoints(os.path.join(smoke_model_dir, "checkpoints",
+  location = trained_run.locate_checkpoints(os.path.join(smoke_model_dir, "checkpoints",
                                                       str(STEPS)))
   assert location.step == STEPS
   mesh = partitioning.make_mesh()
@@ -126,7 +110,7 @@ def test_checkpoint_of_another_model_or_vocabulary_raises(smoke_model_dir):
                                        r"layers_2/\S+: in the model, not in the checkpoint"
                                        r"[\s\S]*token_embedder/embedding: checkpoint "
                                        r"\[256, 128\], model \[256, 64\]"):
-    eval_lib.restore_params(location, STEPS, abstract, smoke_layout, "tiny x3", [SMOKE_TASK])
+    trained_run.restore_params(location, STEPS, abstract, smoke_layout, "tiny x3", [SMOKE_TASK])
 
   same_shapes = SpeechTextLM(VocabLayout(text_size=20, speech_size=128), decoder=functools.partial(
       decoder_config, size="tiny", num_layers=2, embed_dim=128, mlp_dim=512, max_length=256))
@@ -134,4 +118,4 @@ def test_checkpoint_of_another_model_or_vocabulary_raises(smoke_model_dir):
                                            partitioning.DEFAULT_LOGICAL_AXIS_RULES)
   with pytest.raises(ValueError, match="was trained on .*sld_embedded_digits_whisper_smoke.*"
                                        "wrong vocabulary"):
-    eval_lib.restore_params(location, STEPS, abstract, same_shapes.layout, "", ["other_task"])
+    trained_run.restore_params(location, STEPS, abstract, same_shapes.layout, "", ["other_task"])

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sld_jax import eval as eval_lib
-from sld_jax import scoring
 from sld_jax import input_pipeline
 from sld_jax import run_assets
+from sld_jax import scoring
+from sld_jax import trained_run
 from sld_jax import transcribe as transcribe_lib
 from sld_jax.speech import audio as audio_lib
 from sld_jax.speech import corpus_sources
@@ -223,13 +223,13 @@ def test_other_discretisation_assets_are_refused(run_dir, tmp_path):
                      match=r"the training data .*differ from those recorded[\s\S]*"
                            r"sha256.codebook.npz: 000000000000... \(recorded\) != "):
     run_assets.record(other, source)
-  location = eval_lib.CheckpointLocation(os.path.join(other, "checkpoints"))
+  location = trained_run.CheckpointLocation(os.path.join(other, "checkpoints"))
   with pytest.raises(run_assets.AssetsMismatchError,
                      match=f"task '{SMOKE_TASK}' uses discretisation assets that differ"):
-    eval_lib.run_layout(location, [SMOKE_TASK])
+    trained_run.run_layout(location, [SMOKE_TASK])
   with pytest.raises(run_assets.AssetsMismatchError,
                      match="codebook.npz has changed since it was recorded"):
     front_end.FrontEnd(run_assets.load(other))
   # The run's own assets agree with its task.
-  assert eval_lib.run_layout(eval_lib.CheckpointLocation(
+  assert trained_run.run_layout(trained_run.CheckpointLocation(
       os.path.join(run_dir, "checkpoints")), [SMOKE_TASK]) == VocabLayout(14, 128)

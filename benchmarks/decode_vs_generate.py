@@ -15,7 +15,7 @@ should agree (reported; float rounding can flip a near-tie).
             ``decoding.cached_fns`` (right-padded prompts, per-row cache index;
             the prefill projects each row's last position only; with
             ``--text_logits``, the default, prefill and steps project onto
-            the text ids only, as ``sld_jax.evaluation`` decodes;
+            the text ids only, as ``sld_jax.scoring`` decodes;
             ``--no-text_logits`` projects onto the whole vocabulary as
             ``generate`` does)
   generate  ``model.generate(do_sample=False, num_beams=1, use_cache=True)``
@@ -89,7 +89,7 @@ def sld_jax_decoder(module: decoder_lib.Decoder, layout: VocabLayout, batch_size
   """A jitted ``(params, prompts [B, P], lengths [B]) -> tokens [B, N]``.
 
   ``text_logits``: project onto the text ids only (``cached_fns(..., layout)``,
-  as ``sld_jax.evaluation`` decodes); else onto the whole vocabulary, as
+  as ``sld_jax.scoring`` decodes); else onto the whole vocabulary, as
   ``generate`` does.
   """
   ban_eos = jnp.zeros((module.config.vocab_size,), jnp.float32).at[EOS_ID].set(-jnp.inf)
@@ -135,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--torch_threads", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--text_logits", action=argparse.BooleanOptionalAction, default=True,
-                      help="sld_jax projects onto the text ids only, as sld_jax.evaluation "
+                      help="sld_jax projects onto the text ids only, as sld_jax.scoring "
                            "decodes (--no-text_logits: the whole vocabulary, as generate)")
   args = parser.parse_args(argv)
   torch.set_num_threads(args.torch_threads)

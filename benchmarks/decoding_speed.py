@@ -12,7 +12,7 @@ Modes:
                    prompt position only), then one position per step, the
                    output projection restricted to the text ids
                    (``decoding.cached_fns(module, params, layout)``, as
-                   ``sld_jax.evaluation`` decodes)
+                   ``sld_jax.scoring`` decodes)
   naive greedy     rerun the full forward pass over the sequence every step
   cached beam      beam search (``--beam_size``) over the KV cache
   naive beam       beam search rerunning the full forward pass

@@ -285,10 +285,8 @@ class SeqioSource(BatchSource):
     process returns the same number of batches (all-padding batches fill the
     shorter shards), since evaluation steps are collective.
     """
-    import seqio  # pylint: disable=g-import-not-at-top
-    from tasks import batches as task_batches  # pylint: disable=g-import-not-at-top
-    return task_batches.eval_batches(
+    from sld_jax import eval_batches  # pylint: disable=g-import-not-at-top
+    return eval_batches.read_task_split(
         self.task_name, self.split, sequence_length=self.sequence_length,
-        batch_size=host_batch_size(self.global_batch_size, process_count),
-        shard_info=seqio.ShardInfo(process_index, process_count), max_batches=max_batches,
-        passthrough=False)
+        batch_size=self.global_batch_size, process_index=process_index,
+        process_count=process_count, max_batches=max_batches, passthrough=False)

@@ -65,6 +65,8 @@ from sld_jax import run_lock
 from sld_jax.lm import SpeechTextLM
 from sld_jax.train_state import TrainState, param_count
 
+# ``trainer.train.evaluators``: factories called once with the Trainer, each
+# returning evaluator(state, step) -> {name: scalar} (``sld_jax.evaluators``).
 Evaluator = Callable[[TrainState, int], Mapping[str, Any]]
 EvaluatorFactory = Callable[["Trainer"], Evaluator]
 
@@ -217,38 +219,6 @@ class Trainer:
     if total is None:
       raise ValueError("evaluate: no batches")
     return {k: float(v) for k, v in jax.device_get(self.model.from_sums(total)).items()}
-
-
-# ----------------------------------------------------------------------------
-# Evaluators: called as evaluator(state, step) -> {name: scalar}.
-# ----------------------------------------------------------------------------
-
-
-@gin.configurable
-class TeacherForcedEvaluator:
-  """Dev-split losses and accuracies with teacher forcing.
-
-  Gin: ``train.evaluators = [@TeacherForcedEvaluator]``; the trainer calls
-  ``TeacherForcedEvaluator(trainer)`` once, then ``evaluator(state, step)``.
-  The dev batches are read once and kept in host memory.
-  """
-
-  def __init__(self, trainer: Trainer, data: input_pipeline.BatchSource = gin.REQUIRED,
-               max_batches: Optional[int] = None, prefix: str = "dev/"):
-    self.trainer = trainer
-    self.prefix = prefix
-    if data.layout != trainer.model.layout:
-      raise ValueError(
-          f"TeacherForcedEvaluator: dev data layout {data.layout} differs from the "
-          f"model's {trainer.model.layout}")
-    self.batches = data.eval_batches(jax.process_index(), jax.process_count(), max_batches)
-    for index, batch in enumerate(self.batches):
-      trainer.model.check_batch(batch, where=f"dev batch {index}")
-
-  def __call__(self, state: TrainState, step: int) -> dict[str, float]:
-    del step
-    metrics = self.trainer.evaluate(state.params, self.batches)
-    return {self.prefix + name: value for name, value in metrics.items()}
 
 
 # ----------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import numpy as np
 from sld_jax import model_inputs
 
 if TYPE_CHECKING:
-  from sld_jax import evaluation
+  from sld_jax import scoring
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus")
 _HEADER_FIRST = ("audio", "audio_path", "path", "file")
@@ -164,11 +164,11 @@ def length_batches(prompts: Sequence[np.ndarray], rows: int, limit: int) -> list
   items [1, 3], [2, -1], [0, -1]; padding rows (item -1) are all zeros with
   length 1, and their results are dropped.
   """
-  from sld_jax import eval_data  # pylint: disable=g-import-not-at-top
+  from sld_jax import eval_batches  # pylint: disable=g-import-not-at-top
   order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
   buckets: dict[int, list[int]] = {}
   for index in order:
-    buckets.setdefault(eval_data.prompt_bucket(len(prompts[index]), limit), []).append(index)
+    buckets.setdefault(eval_batches.prompt_bucket(len(prompts[index]), limit), []).append(index)
   batches = []
   for width, members in sorted(buckets.items()):
     for start in range(0, len(members), rows):
@@ -190,10 +190,10 @@ def length_batches(prompts: Sequence[np.ndarray], rows: int, limit: int) -> list
 def load_model(model_dir: str, assets, step: Optional[int] = None):
   """``SpeechTextLM`` with the run's decoder config, and its parameters."""
   import functools  # pylint: disable=g-import-not-at-top
-  from sld_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  from sld_jax import evaluation  # pylint: disable=g-import-not-at-top
   from sld_jax import partitioning  # pylint: disable=g-import-not-at-top
   from sld_jax import run_assets  # pylint: disable=g-import-not-at-top
+  from sld_jax import scoring  # pylint: disable=g-import-not-at-top
+  from sld_jax import trained_run  # pylint: disable=g-import-not-at-top
   from sld_jax.lm import SpeechTextLM  # pylint: disable=g-import-not-at-top
   from sld_jax.model.config import DecoderConfig  # pylint: disable=g-import-not-at-top
   if not assets.model:
@@ -205,20 +205,20 @@ def load_model(model_dir: str, assets, step: Optional[int] = None):
       **{k: v for k, v in config.items() if k != "vocab_size"}))
   mesh = partitioning.make_mesh()
   rules = partitioning.DEFAULT_LOGICAL_AXIS_RULES
-  abstract, shardings = evaluation.abstract_params(lm, mesh, rules)
-  location = eval_lib.locate_checkpoints(model_dir)
-  step = eval_lib.select_steps(location, "latest" if step is None else step)[-1]
+  abstract, shardings = scoring.abstract_params(lm, mesh, rules)
+  location = trained_run.locate_checkpoints(model_dir)
+  step = trained_run.select_steps(location, "latest" if step is None else step)[-1]
   task = assets.manifest.get("source", {}).get("task")
-  params = eval_lib.restore_params(location, step, abstract, lm.layout,
-                                   f"{lm.config} from {assets.path(run_assets.MANIFEST)}",
-                                   [task] if task else [])
+  params = trained_run.restore_params(location, step, abstract, lm.layout,
+                                      f"{lm.config} from {assets.path(run_assets.MANIFEST)}",
+                                      [task] if task else [])
   return lm, mesh, rules, shardings, params, step
 
 
 def transcribe(model_dir: str, items: Sequence[Item], *,
                decoding_config=None, batch_size: int = 8, step: Optional[int] = None,
-               long_audio: str = "error", progress: bool = True) -> evaluation.SplitScore:
-  """Transcribes ``items``; returns an ``evaluation.SplitScore`` (records in input order).
+               long_audio: str = "error", progress: bool = True) -> scoring.SplitScore:
+  """Transcribes ``items``; returns a ``scoring.SplitScore`` (records in input order).
 
   Raises:
     TranscribeError: audio too long for the model (``long_audio="error"``).
@@ -226,7 +226,7 @@ def transcribe(model_dir: str, items: Sequence[Item], *,
       without (intact) assets.
   """
   import tqdm  # pylint: disable=g-import-not-at-top
-  from sld_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from sld_jax import scoring  # pylint: disable=g-import-not-at-top
   from sld_jax import partitioning  # pylint: disable=g-import-not-at-top
   from sld_jax import run_assets  # pylint: disable=g-import-not-at-top
   from sld_jax.speech import front_end as front_end_lib  # pylint: disable=g-import-not-at-top
@@ -235,7 +235,7 @@ def transcribe(model_dir: str, items: Sequence[Item], *,
   assets = run_assets.load(model_dir)
   front_end = front_end_lib.FrontEnd(assets)
   detokenize = front_end_lib.TextDecoder(assets)
-  decoding_config = decoding_config or evaluation.DecodingConfig()
+  decoding_config = decoding_config or scoring.DecodingConfig()
   max_length = int(assets.model["max_length"])
 
   prompts, seconds, kept, too_long = [], [], [], []
@@ -261,7 +261,7 @@ def transcribe(model_dir: str, items: Sequence[Item], *,
     raise TranscribeError("every file was skipped: nothing to transcribe")
 
   lm, mesh, rules, shardings, params, step = load_model(model_dir, assets, step)
-  scorer = evaluation.Scorer(lm, mesh, rules, shardings, decoding_config)
+  scorer = scoring.Scorer(lm, mesh, rules, shardings, decoding_config)
   rows = -(-batch_size // partitioning.batch_shards(mesh)) * partitioning.batch_shards(mesh)
   batches = length_batches(prompts, rows, max_length)
   records: list[Optional[dict[str, Any]]] = [None] * len(kept)
@@ -272,7 +272,7 @@ def transcribe(model_dir: str, items: Sequence[Item], *,
     for row, index in enumerate(batch.items):
       if index < 0:
         continue
-      ids = evaluation.decoding_text_ids(result.tokens[row], result.lengths[row], lm.layout)
+      ids = scoring.decoding_text_ids(result.tokens[row], result.lengths[row], lm.layout)
       item = kept[index]
       records[index] = {
           "id": item.id, "audio": item.audio, "hypothesis": detokenize(ids),
@@ -295,7 +295,7 @@ def transcribe(model_dir: str, items: Sequence[Item], *,
                     "positions left after a long prompt) without <text_end>",
                     metrics["num_unended"], decoding_config.max_decode_length)
   metrics.update(score_references(kept, records))
-  return evaluation.SplitScore(records, metrics)
+  return scoring.SplitScore(records, metrics)
 
 
 def score_references(items: Sequence[Item], records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -352,7 +352,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-  from sld_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from sld_jax import scoring  # pylint: disable=g-import-not-at-top
   from sld_jax import run_assets  # pylint: disable=g-import-not-at-top
   from sld_jax.speech import audio as audio_lib  # pylint: disable=g-import-not-at-top
   if not FLAGS.model_dir:
@@ -362,7 +362,7 @@ def main(argv) -> None:
     score = transcribe(
         FLAGS.model_dir, items, step=FLAGS.step, batch_size=FLAGS.batch_size,
         long_audio=FLAGS.long_audio, progress=FLAGS.progress,
-        decoding_config=evaluation.DecodingConfig(
+        decoding_config=scoring.DecodingConfig(
             method=FLAGS.method, beam_size=FLAGS.beam_size,
             length_penalty=FLAGS.length_penalty, max_decode_length=FLAGS.max_decode_length))
   except (TranscribeError, audio_lib.AudioError, run_assets.MissingAssetsError,
@@ -377,9 +377,9 @@ def main(argv) -> None:
           f"{metrics['insertions']} over {metrics['reference_words']} words), CER "
           f"{metrics['cer']:.2f}% on {metrics['num_with_reference']} file(s)", flush=True)
   if FLAGS.output_dir:
-    evaluation.write_split(FLAGS.output_dir, score)
-    logging.info("wrote %s and %s", os.path.join(FLAGS.output_dir, evaluation.PREDICTIONS_FILE),
-                 os.path.join(FLAGS.output_dir, evaluation.METRICS_FILE))
+    scoring.write_split(FLAGS.output_dir, score)
+    logging.info("wrote %s and %s", os.path.join(FLAGS.output_dir, scoring.PREDICTIONS_FILE),
+                 os.path.join(FLAGS.output_dir, scoring.METRICS_FILE))
 
 
 def run() -> None:

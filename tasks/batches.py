@@ -14,22 +14,16 @@ apart by segment ids. With layout text_size=14 (<speech_end>=14, unit u ->
 (the objectives split the loss weights into speech and text positions with
 ``VocabLayout.is_speech`` / ``is_text`` on the targets). Evaluation batches
 are unpacked (one example per row, no segment ids / positions) and carry the
-passthrough features ``id``, ``speaker``, ``text`` (the reference) and
-``speech_length`` (the prompt length: units + <speech_end>).
-
-``eval_batches`` is the one reader of evaluation batches (``sld_jax.eval``,
-training's dev evaluators and ``SeqioSource.eval_batches`` all read through
-it): fixed-shape host numpy batches, the last one padded with all-zero rows
-(weight 0: dropped from every metric), and with several processes the same
-number of batches on every process (all-padding batches fill the shorter
-shards), since evaluation steps are collective.
+passthrough features ``id``, ``speaker``, ``text`` (the reference),
+``speech_length`` (the prompt length: units + <speech_end>) and
+``truncated_units``, converted in the same pass over the split as the model
+features. ``sld_jax.eval_batches`` reads them into fixed-shape host batches.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Optional, Union
 
-import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -43,6 +37,43 @@ def _lengths(sequence_length: Union[int, Mapping[str, int]]) -> dict[str, int]:
     raise ValueError(f"sequence_length must be an int or {{'targets': n}}, "
                      f"got {dict(sequence_length)}")
   return dict(sequence_length)
+
+
+class UnpackedWithPassthrough(seqio.LMFeatureConverter):
+  """seqio's unpacked decoder features plus the scalar passthrough features.
+
+  What ``seqio.DecoderFeatureConverter(pack=False)`` gives a targets-only
+  task (it hands such tasks to ``LMFeatureConverter``), with
+  ``preprocessors.PASSTHROUGH_FEATURES`` carried along in the same pass.
+  seqio's converters accept ``passthrough_features`` but leave carrying them
+  to subclasses, and ``LMFeatureConverter`` does not: only ``targets`` is
+  padded, and the passthrough features are copied through::
+
+    example  {"targets": [18, 14, 5, 1], "id": b"dev-3", "speech_length": 2, ...}
+    length 6 {"decoder_target_tokens": [18, 14, 5, 1, 0, 0],
+              "decoder_input_tokens":  [ 0, 18, 14, 5, 1, 0],
+              "decoder_loss_weights":  [ 1,  1,  1, 1, 0, 0],
+              "id": b"dev-3", "speech_length": 2, ...}
+  """
+
+  def __init__(self, element_spec: Mapping[str, tf.TensorSpec]):
+    self.passthrough = tuple(preprocessors.PASSTHROUGH_FEATURES)
+    self.passthrough_lengths = {name: 0 for name in self.passthrough}  # rank 0: not checked
+    super().__init__(pack=False, passthrough_features={
+        name: seqio.FeatureConverter.FeatureSpec(dtype=element_spec[name].dtype, rank=0)
+        for name in self.passthrough})
+
+  def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+                        ) -> tf.data.Dataset:
+    ds = self._pack_or_pad(ds, {"targets": task_feature_lengths["targets"]})
+    return ds.map(
+        lambda ex: {**self._convert_example(ex), **{k: ex[k] for k in self.passthrough}},
+        num_parallel_calls=tf.data.AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
+                                ) -> dict[str, int]:
+    return {**super().get_model_feature_lengths(task_feature_lengths),
+            **{name: task_feature_lengths[name] for name in self.passthrough}}
 
 
 def get_dataset(task_name: str, split: str,
@@ -89,64 +120,10 @@ def get_dataset(task_name: str, split: str,
   # Shuffling reshuffles each epoch, deterministically for the seed.
   if num_epochs != 1:
     dataset = dataset.repeat(num_epochs)
-  converter = seqio.DecoderFeatureConverter(pack=pack)
   if pack:
-    model_features = converter(dataset, lengths)
+    model_features = seqio.DecoderFeatureConverter(pack=True)(dataset, lengths)
   else:
-    model_features = converter(
-        dataset.map(lambda ex: {"targets": ex["targets"]}), lengths)
-    passthrough = dataset.map(
-        lambda ex: {k: ex[k] for k in preprocessors.PASSTHROUGH_FEATURES})
-    model_features = tf.data.Dataset.zip((model_features, passthrough)).map(
-        lambda model, extra: {**model, **extra})
+    converter = UnpackedWithPassthrough(dataset.element_spec)
+    model_features = converter(dataset, {**lengths, **converter.passthrough_lengths})
   return model_features.batch(batch_size, drop_remainder=drop_remainder
                               ).prefetch(tf.data.AUTOTUNE)
-
-
-def eval_batches(task_name: str, split: str, *,
-                 sequence_length: Union[int, Mapping[str, int]], batch_size: int,
-                 shard_info: Optional[seqio.ShardInfo] = None,
-                 max_batches: Optional[int] = None,
-                 passthrough: bool = True) -> list[dict[str, np.ndarray]]:
-  """One unshuffled, unpacked pass over this shard of a task split.
-
-  Args:
-    task_name / split / sequence_length: as ``get_dataset``; examples longer
-      than ``sequence_length`` are filtered by the task (a logged count).
-    batch_size: rows per batch on this process.
-    shard_info: this process's shard (default: the whole split).
-    max_batches: stop after this many batches.
-    passthrough: keep ``id``, ``speaker``, ``text``, ``speech_length``
-      (else only the model features).
-
-  Returns:
-    Host batches of ``batch_size`` rows: int32 ``[rows, length]`` features,
-    the last batch padded with all-zero rows.
-
-  Raises:
-    ValueError: this shard has no example of at most ``sequence_length`` tokens.
-  """
-  from sld_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  dataset = get_dataset(task_name, split, sequence_length, batch_size, pack=False,
-                        shuffle=False, seed=None, shard_info=shard_info, num_epochs=1,
-                        drop_remainder=False)
-  batches = []
-  for batch in dataset.as_numpy_iterator():
-    if not passthrough:
-      batch = {k: v for k, v in batch.items() if k in input_pipeline.FEATURES}
-    batch = {k: (np.asarray(v, np.int32) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
-             for k, v in batch.items()}
-    batches.append(input_pipeline.pad_rows(batch, batch_size))
-    if max_batches is not None and len(batches) == max_batches:
-      break
-  index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
-  if not batches:
-    raise ValueError(
-        f"task {task_name!r} split {split!r} has no examples of at most {sequence_length} "
-        f"tokens" + (f" for process {index} of {count}; use fewer processes"
-                     if count > 1 else ""))
-  most = len(batches)
-  if count > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    most = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
-  return batches + [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (most - len(batches))

@@ -37,6 +37,7 @@ EXPERIMENTS = [p for p in ALL_FILES if p.startswith("gin_configs/experiments/")]
 REQUIRED = ('MODEL_DIR="/tmp/unused"', "TRAIN_STEPS=1000",
             'WAVLM_UNITS_DIR="/tmp/unused_wavlm"', 'HUBERT_UNITS_DIR="/tmp/unused_hubert"',
             'INIT_FROM="/tmp/unused_gpt2"')
+EVAL_GIN = "gin_configs/runs/eval.gin"   # the eval command's run file
 # The paper's vocabulary: a text model plus 6000 unit pieces.
 PAPER_LAYOUT = VocabLayout(text_size=1000, speech_size=6000)
 SMALL_LAYOUT = VocabLayout(text_size=40, speech_size=128)
@@ -62,7 +63,7 @@ def test_shipped_files_are_found():
   for name in ("models/tiny.gin", "models/gpt2_small.gin", "models/gpt2_medium.gin",
                "objectives/loss_masking.gin", "objectives/multimodal_ce.gin",
                "objectives/sld.gin", "objectives/sld_reference.gin", "runs/train.gin",
-               "runs/eval.gin"):
+               "runs/train_eval.gin", "runs/eval.gin"):
     assert f"gin_configs/{name}" in ALL_FILES, name
 
 
@@ -89,8 +90,9 @@ def test_every_file_parses(path):
 def test_every_component_is_finalized_by_some_experiment():
   used = set().union(*[_includes(p) for p in EXPERIMENTS])
   unused = [p for p in ALL_FILES if p not in EXPERIMENTS and p not in used]
-  # gpt2_small is a model choice offered to users; its own test is below.
-  assert unused == ["gin_configs/models/gpt2_small.gin"], unused
+  # gpt2_small is a model choice offered to users; its own test is below. The
+  # eval command's run file is added to an experiment by sld_jax.eval (below).
+  assert unused == ["gin_configs/models/gpt2_small.gin", EVAL_GIN], unused
 
 
 def _gpt2_param_count(layers: int, embed: int, vocab: int, positions: int = 1024) -> int:
@@ -147,7 +149,7 @@ def test_experiment_finalizes_and_builds(path):
   assert source.sequence_length <= model.config.max_length
   evaluators = gin.query_parameter("trainer.train.evaluators")
   assert [e.configurable.name for e in evaluators] == ["DecodingEvaluator"]
-  dev = gin.query_parameter("evaluation.DecodingEvaluator.data").scoped_configurable_fn()
+  dev = gin.query_parameter("evaluators.DecodingEvaluator.data").scoped_configurable_fn()
   assert isinstance(dev, input_pipeline.BatchSource)
 
   if paper:
@@ -181,6 +183,42 @@ def test_experiment_finalizes_and_builds(path):
       assert source.task_name == tasks.registry.LIBRISPEECH_GPT2_TASK
       assert tasks.registry.gpt2_tokenizer_dir() == "/tmp/unused_gpt2"
       assert gin.query_parameter("%INIT_FROM") == "/tmp/unused_gpt2"
+
+
+EVAL_REQUIRED = ('CHECKPOINT_PATH="/tmp/run"', 'EVAL_OUTPUT_DIR="/tmp/run/eval"')
+
+
+def _eval_bindings(path: str) -> list[str]:
+  """The eval macros plus the data macros the experiment's task requires."""
+  if "librispeech" not in path:
+    return list(EVAL_REQUIRED)
+  units = [b for b in REQUIRED if b.startswith("WAVLM" if "wavlm" in path else "HUBERT")]
+  return [*EVAL_REQUIRED, *units, 'INIT_FROM="/tmp/unused_gpt2"']
+
+
+@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if not p.endswith("/synthetic.gin")])
+def test_experiment_with_the_eval_run_file_configures_evaluate(path):
+  """``python -m sld_jax.eval --gin_file=<experiment>``: the experiment, then
+  runs/eval.gin, needs only the eval macros (no MODEL_DIR or TRAIN_STEPS)."""
+  from sld_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  eval_lib.configure([path], _eval_bindings(path))
+  assert str(gin.query_parameter("evaluate.checkpoint_path")) == "%CHECKPOINT_PATH"
+  assert gin.query_parameter("%CHECKPOINT_PATH") == "/tmp/run"
+  assert gin.query_parameter("%EVAL_OUTPUT_DIR") == "/tmp/run/eval"
+  assert gin.query_parameter("%TASK") and gin.query_parameter("%BATCH_SIZE") > 0
+  assert [str(t) for t in gin.query_parameter("evaluate.task_names")] == ["%TASK"]
+  assert gin.query_parameter("evaluate.model").configurable.wrapper is lm.SpeechTextLM
+  gin.clear_config()
+  eval_lib.configure([path, EVAL_GIN], _eval_bindings(path))   # as t5x is called: the same
+
+
+def test_the_eval_run_file_requires_its_macros_and_a_task():
+  from sld_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"EVAL_OUTPUT_DIR.*--gin\.EVAL_OUTPUT_DIR="):
+    eval_lib.configure(["gin_configs/experiments/smoke.gin"], ['CHECKPOINT_PATH="/tmp/run"'])
+  gin.clear_config()
+  with pytest.raises(ValueError, match="defines no TASK macro"):
+    eval_lib.configure(["gin_configs/experiments/synthetic.gin"], EVAL_REQUIRED)
 
 
 # Initial loss. At initialisation the logits are nearly flat: the final

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sld_jax import decoding
-from sld_jax import eval_data
+from sld_jax import eval_batches
 from sld_jax import model_inputs
 from sld_jax.lm import SpeechTextLM
 from sld_jax.model import decoder as decoder_lib
@@ -68,7 +68,7 @@ def task_batches():
   layout = tasks.get_layout(TASK)
   train = list(tasks.get_dataset(TASK, "dev", LENGTH, batch_size=4, pack=True, shuffle=False,
                                  drop_remainder=True).take(2).as_numpy_iterator())
-  evals = eval_data.task_eval_batches(TASK, "dev", sequence_length=LENGTH, batch_size=8)
+  evals = eval_batches.read_task_split(TASK, "dev", sequence_length=LENGTH, batch_size=8)
   return layout, train, evals
 
 
@@ -127,8 +127,8 @@ def test_prefill_logits_equal_teacher_forced_logits_of_training(task_batches):
   uncached_prefill, _ = decoding.uncached_fns(model.module, params)
   matched = 0
   for index, batch in enumerate(evals):
-    lengths = eval_data.prompt_lengths(batch, layout, f"dev batch {index}")
-    prompts = eval_data.make_prompts(batch, lengths, width, layout)
+    lengths = eval_batches.prompt_lengths(batch, layout, f"dev batch {index}")
+    prompts = eval_batches.make_prompts(batch, lengths, width, layout)
     rows = prompts.shape[0]
     cache = decoder_lib.init_cache(model.module, rows, width + 8)
     logits, _ = prefill(params, cache, jnp.asarray(prompts), jnp.asarray(lengths))
@@ -142,7 +142,7 @@ def test_prefill_logits_equal_teacher_forced_logits_of_training(task_batches):
     old_prompts = np.pad(prompts[:, 1:], ((0, 0), (0, 1)))
     old_next = np.asarray(cached_prefill(cache, jnp.asarray(old_prompts),
                                          jnp.asarray(lengths - 1))[0])
-    for row in np.flatnonzero(eval_data.real_rows(batch)):
+    for row in np.flatnonzero(eval_batches.real_rows(batch)):
       targets = batch["decoder_target_tokens"][row]
       key = targets[:int(np.sum(targets > 0))].tobytes()
       if key not in by_targets:

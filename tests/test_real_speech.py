@@ -82,12 +82,12 @@ def test_embedded_source_offers_an_eval_only_real_split(tmp_path, monkeypatch):
 
 def test_demo_task_scores_the_real_split_with_dev_and_test():
   import seqio  # pylint: disable=g-import-not-at-top
-  from sld_jax import eval_data  # pylint: disable=g-import-not-at-top
+  from sld_jax import eval_batches  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top
   for name, spec in tasks.EMBEDDED_TASKS.items():
     # the task offers exactly the splits its corpus source prepares
     assert tuple(seqio.get_mixture_or_task(name).splits) == \
         corpus_sources.EmbeddedSource(spec.corpus).splits(), name
-  assert eval_data.eval_splits("sld_embedded_digits_robust_whisper") == [
+  assert eval_batches.eval_splits("sld_embedded_digits_robust_whisper") == [
       "dev", "test", "real"]
-  assert eval_data.eval_splits("sld_embedded_digits_whisper") == ["dev", "test"]
+  assert eval_batches.eval_splits("sld_embedded_digits_whisper") == ["dev", "test"]

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 from sld_jax import checkpointing
-from sld_jax import eval as eval_lib
 from sld_jax import input_pipeline
 from sld_jax import lm
 from sld_jax import optim
+from sld_jax import trained_run as trained_run_lib
 from sld_jax import trainer as trainer_lib
 from sld_jax.model.config import decoder_config
 
@@ -102,11 +102,11 @@ def test_a_corrupt_checkpoint_is_refused_naming_step_file_and_previous_good(trai
   assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2", "4"]  # nothing moved
 
   # Eval (and transcription, which reads through the same function) refuses it too.
-  location = eval_lib.locate_checkpoints(run)
+  location = trained_run_lib.locate_checkpoints(run)
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                           tiny_train.checkpointed_params(trained_run, 4))
   with pytest.raises(checkpointing.CorruptCheckpointError, match=rf"step 4.*{flipped}"):
-    eval_lib.restore_params(location, 4, abstract, None, "tiny", [])
+    trained_run_lib.restore_params(location, 4, abstract, None, "tiny", [])
 
   # With the explicit flag, resume sets step 4 aside and continues from step 2.
   result = _train(run, 6, corrupt_checkpoint="use_previous")

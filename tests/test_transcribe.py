@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sld_jax import eval as eval_lib
-from sld_jax import evaluation
 from sld_jax import input_pipeline
 from sld_jax import run_assets
+from sld_jax import scoring
+from sld_jax import trained_run
 from sld_jax import transcribe as transcribe_lib
 from sld_jax.speech import audio as audio_lib
 from sld_jax.speech import corpus_sources
@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_GIN = "gin_configs/experiments/smoke.gin"
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
 STEPS = 2
-DECODING = evaluation.DecodingConfig(max_decode_length=8)
+DECODING = scoring.DecodingConfig(max_decode_length=8)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_batches_and_buckets_change_no_hypothesis(run_dir, audio):
   width = max(len(p) for p in prompts)
   buckets = {int(2 ** np.ceil(np.log2(max(len(p), 16)))) for p in prompts}
   for method in ("greedy", "beam"):
-    config = evaluation.DecodingConfig(method=method, beam_size=3, max_decode_length=8)
+    config = scoring.DecodingConfig(method=method, beam_size=3, max_decode_length=8)
     score = transcribe_lib.transcribe(run_dir, items, decoding_config=config, batch_size=2,
                                       progress=False)
     assert [p["audio"] for p in score.predictions] == [i.audio for i in items]
@@ -202,7 +202,7 @@ def test_batches_and_buckets_change_no_hypothesis(run_dir, audio):
       assert prediction["speech_tokens"] == len(prompt) - 2
       result = alone(params, np.pad(prompt, (0, width - len(prompt)))[None],
                      np.array([len(prompt)], np.int32))
-      tokens = evaluation.decoding_text_ids(np.asarray(result.tokens[0]),
+      tokens = scoring.decoding_text_ids(np.asarray(result.tokens[0]),
                                             int(result.lengths[0]), lm.layout)
       assert prediction["hypothesis_tokens"] == len(tokens)
       assert prediction["decode_score"] == pytest.approx(float(result.scores[0]), abs=1e-4)
@@ -223,13 +223,13 @@ def test_other_discretisation_assets_are_refused(run_dir, tmp_path):
                      match=r"the training data .*differ from those recorded[\s\S]*"
                            r"sha256.codebook.npz: 000000000000... \(recorded\) != "):
     run_assets.record(other, source)
-  location = eval_lib.CheckpointLocation(os.path.join(other, "checkpoints"))
+  location = trained_run.CheckpointLocation(os.path.join(other, "checkpoints"))
   with pytest.raises(run_assets.AssetsMismatchError,
                      match=f"task '{SMOKE_TASK}' uses discretisation assets that differ"):
-    eval_lib.run_layout(location, [SMOKE_TASK])
+    trained_run.run_layout(location, [SMOKE_TASK])
   with pytest.raises(run_assets.AssetsMismatchError,
                      match="codebook.npz has changed since it was recorded"):
     front_end.FrontEnd(run_assets.load(other))
   # The run's own assets agree with its task.
-  assert eval_lib.run_layout(eval_lib.CheckpointLocation(
+  assert trained_run.run_layout(trained_run.CheckpointLocation(
       os.path.join(run_dir, "checkpoints")), [SMOKE_TASK]) == VocabLayout(14, 128)

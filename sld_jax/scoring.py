@@ -1,11 +1,12 @@
 """Scoring a model on eval utterances: decoding + WER/CER and teacher forcing.
 
-The shared core of ``python -m sld_jax.eval`` and of training's periodic dev
-evaluation (``DecodingEvaluator``). Both run ``score_batches``: for every
-fixed-shape batch of utterances (``sld_jax.eval_data``) it decodes the
-transcripts (greedy or beam search from the prompt ``units <speech_end>``,
-``sld_jax.decoding``), scores the references with teacher forcing, and
-aligns hypotheses with references (``sld_jax.wer``, counting as jiwer 4.0).
+The shared core of ``python -m sld_jax.eval``, of training's periodic dev
+evaluation (``sld_jax.evaluators.DecodingEvaluator``) and of transcription.
+``score_batches``: for every fixed-shape batch of utterances
+(``sld_jax.eval_batches``) it decodes the transcripts (greedy or beam search
+from the prompt ``units <speech_end>``, ``sld_jax.decoding``), scores the
+references with teacher forcing, and aligns hypotheses with references
+(``sld_jax.wer``, counting as jiwer 4.0).
 
 ``Scorer`` holds the jitted functions under the training mesh and parameter
 shardings. Decoding compiles once per prompt bucket ``P``; the KV cache
@@ -40,15 +41,16 @@ import os
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from absl import logging
 import flax.linen as nn
 import gin
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
+from sld_jax import atomic_files
+from sld_jax import cross_process
 from sld_jax import decoding
-from sld_jax import eval_data
+from sld_jax import eval_batches
 from sld_jax import input_pipeline
 from sld_jax import partitioning
 from sld_jax import wer as wer_lib
@@ -176,7 +178,7 @@ class Scorer:
 
   def _shard_features(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     return partitioning.shard_host_batch(
-        {k: np.asarray(batch[k], np.int32) for k in eval_data.MODEL_FEATURES if k in batch},
+        {k: np.asarray(batch[k], np.int32) for k in input_pipeline.FEATURES if k in batch},
         self.mesh)
 
   def warm_up(self, params, batch: Mapping[str, np.ndarray], prompt_widths: Iterable[int],
@@ -231,34 +233,25 @@ class SplitScore:
   metrics: dict[str, Any]
 
 
-def _allreduce_sum(values: np.ndarray) -> np.ndarray:
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
-
-
 def _agreed_buckets(batches: Sequence[Mapping[str, np.ndarray]], layout: VocabLayout,
                     limit: int, name: str) -> list[int]:
   longest = []
   for index, batch in enumerate(batches):
-    lengths = eval_data.prompt_lengths(batch, layout, f"{name} batch {index}")
+    lengths = eval_batches.prompt_lengths(batch, layout, f"{name} batch {index}")
     top = int(lengths.max()) if lengths.size else 1
     if top > limit:
       row = int(np.argmax(lengths))
       raise ValueError(
-          f"{name} batch {index}: row {row} ({eval_data.row_name(batch, row)}) has a {top}-token "
-          f"prompt; the model holds at most {limit} positions (DecoderConfig.max_length)")
+          f"{name} batch {index}: row {row} ({eval_batches.row_name(batch, row)}) has a "
+          f"{top}-token prompt; the model holds at most {limit} positions "
+          "(DecoderConfig.max_length)")
     longest.append(top)
-  longest = np.asarray(longest, np.int64)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    longest = np.asarray(multihost_utils.process_allgather(longest)).max(axis=0)
-  return [eval_data.prompt_bucket(n, limit) for n in longest]
+  longest = cross_process.all_max(np.asarray(longest, np.int64))
+  return [eval_batches.prompt_bucket(n, limit) for n in longest]
 
 
 def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np.ndarray]],
-                  detokenize: eval_data.Detokenizer, *, name: str = "eval",
+                  detokenize: eval_batches.Detokenizer, *, name: str = "eval",
                   lowercase: bool = True, teacher_forced: bool = True,
                   progress: bool = True) -> SplitScore:
   """Decodes and scores every real row of ``batches``.
@@ -266,7 +259,7 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
   Args:
     scorer: the compiled functions.
     params: parameters placed in ``scorer.param_shardings``.
-    batches: this process's rows (``sld_jax.eval_data``); every process
+    batches: this process's rows (``sld_jax.eval_batches``); every process
       passes the same number of batches of the same size.
     detokenize: text ids -> string (the task's vocabulary).
     name: shown on the progress bar, in ids and in error messages.
@@ -282,16 +275,16 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
   compile_start = scorer.compile_seconds
   scorer.warm_up(params, batches[0], buckets, teacher_forced)   # not timed as decoding
   normalize = (lambda s: s.lower()) if lowercase else (lambda s: s)
-  bar = tqdm.tqdm(total=sum(int(eval_data.real_rows(b).sum()) for b in batches), desc=name,
+  bar = tqdm.tqdm(total=sum(int(eval_batches.real_rows(b).sum()) for b in batches), desc=name,
                   unit="utt", disable=not progress or jax.process_index() != 0,
                   dynamic_ncols=True)
   predictions, sums = [], None
   words, chars = wer_lib.ErrorCounts(), wer_lib.ErrorCounts()
   decode_seconds, generated = 0.0, 0
   for index, (batch, width) in enumerate(zip(batches, buckets)):
-    real = eval_data.real_rows(batch)
-    lengths = eval_data.prompt_lengths(batch, layout, f"{name} batch {index}")
-    prompts = eval_data.make_prompts(batch, lengths, width, layout)
+    real = eval_batches.real_rows(batch)
+    lengths = eval_batches.prompt_lengths(batch, layout, f"{name} batch {index}")
+    prompts = eval_batches.make_prompts(batch, lengths, width, layout)
     start = time.perf_counter()
     result = scorer.decode(params, prompts, lengths)
     decode_seconds += time.perf_counter() - start
@@ -303,15 +296,15 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
     for row in np.flatnonzero(real):
       hyp_ids = decoding_text_ids(result.tokens[row], result.lengths[row], layout)
       if "text" in batch:
-        reference = eval_data.as_str(batch["text"][row])
+        reference = eval_batches.as_str(batch["text"][row])
       else:
-        reference = detokenize(eval_data.reference_ids(targets[row], lengths[row], layout))
+        reference = detokenize(eval_batches.reference_ids(targets[row], lengths[row], layout))
       reference, hypothesis = normalize(reference), normalize(detokenize(hyp_ids))
       word = wer_lib.word_errors(reference, hypothesis)
       char = wer_lib.char_errors(reference, hypothesis)
       words, chars = words + word, chars + char
       generated += int(result.lengths[row])
-      utterance_id = (eval_data.as_str(batch["id"][row]) if "id" in batch
+      utterance_id = (eval_batches.as_str(batch["id"][row]) if "id" in batch
                       else f"{name}/{len(predictions)}")
       record = {
           "id": utterance_id, "reference": reference, "hypothesis": hypothesis,
@@ -332,8 +325,8 @@ def score_batches(scorer: Scorer, params: Any, batches: Sequence[Mapping[str, np
   bar.close()
   metrics = _corpus_metrics(scorer, predictions, words, chars, generated, sums)
   metrics.update(_speed(metrics, decode_seconds, scorer.compile_seconds - compile_start))
-  metrics.update(zip(eval_data.TRUNCATION_METRICS,
-                     (int(x) for x in _allreduce_sum(eval_data.truncation_counts(batches)))))
+  truncations = cross_process.all_sum(eval_batches.truncation_counts(batches))
+  metrics.update(zip(eval_batches.TRUNCATION_METRICS, (int(x) for x in truncations)))
   return SplitScore(predictions, metrics)
 
 
@@ -358,7 +351,7 @@ def _corpus_metrics(scorer: Scorer, predictions, words, chars, generated, sums
                     words.hits, words.substitutions, words.deletions, words.insertions,
                     chars.hits, chars.substitutions, chars.deletions, chars.insertions,
                     sum(p.get("transcript_logprob", 0.0) for p in predictions)], np.float64)
-  total = _allreduce_sum(local)
+  total = cross_process.all_sum(local)
   count, ended, generated = (int(x) for x in total[:3])
   words = wer_lib.ErrorCounts(*(int(x) for x in total[3:7]))
   chars = wer_lib.ErrorCounts(*(int(x) for x in total[7:11]))
@@ -392,13 +385,6 @@ def _safe_exp(x: float) -> float:
 # ----------------------------------------------------------------------------
 
 
-def _atomic_write(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
 def predictions_filename() -> str:
   if jax.process_count() == 1:
     return PREDICTIONS_FILE
@@ -413,12 +399,14 @@ def write_split(directory: str, score: SplitScore, extra: Optional[Mapping[str, 
   the primary process writes ``metrics.json`` last, so its presence means
   the split is complete.
   """
-  _atomic_write(os.path.join(directory, predictions_filename()),
-                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in score.predictions))
+  atomic_files.write_text(
+      os.path.join(directory, predictions_filename()),
+      "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in score.predictions))
   if jax.process_index() == 0:
     metrics = {**(extra or {}), **score.metrics}
-    _atomic_write(os.path.join(directory, METRICS_FILE),
-                  json.dumps(metrics, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_files.write_text(
+        os.path.join(directory, METRICS_FILE),
+        json.dumps(metrics, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(value):
@@ -450,68 +438,3 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells.append(fmt.format(row[key]) if key in row else "-")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------
-# Training's periodic dev evaluation.
-# ----------------------------------------------------------------------------
-
-
-@gin.configurable
-class DecodingEvaluator:
-  """Dev WER/CER (and teacher-forced losses) during training.
-
-  Gin: ``trainer.train.evaluators = [..., @evaluation.DecodingEvaluator]`` with
-  ``evaluation.DecodingEvaluator.data = @dev_data/input_pipeline.SeqioSource()``.
-  The trainer calls ``DecodingEvaluator(trainer)`` once, then
-  ``evaluator(state_or_params, step)``; the result holds numbers only, e.g.
-  ``{"dev/wer": 12.5, "dev/cer": 6.1, "dev/ce_text": 0.41, ...}``.
-  """
-
-  REPORTED = ("wer", "cer", "num_utterances", "num_unended", "utterances_per_second",
-              "tokens_per_second", "loss", "ce_text", "ce_speech", "ppl_text", "ppl_speech",
-              "accuracy_text", "accuracy_speech")
-
-  def __init__(self, trainer: Any, data: input_pipeline.BatchSource = gin.REQUIRED,
-               max_batches: Optional[int] = None, prefix: str = "dev/",
-               decoding_config: Optional[DecodingConfig] = None,
-               output_dir: Optional[str] = None, teacher_forced: bool = True,
-               lowercase: bool = True, progress: bool = False):
-    """Reads the dev batches once and keeps them in host memory.
-
-    Args:
-      trainer: a ``sld_jax.trainer.Trainer`` (model, mesh, rules, shardings).
-      data: the dev source; its layout must be the model's.
-      max_batches: evaluate only the first batches (None: the whole split).
-      prefix: prepended to the metric names.
-      decoding_config: default ``DecodingConfig()`` (gin-configured).
-      output_dir: if set, predictions and metrics of each evaluation go to
-        ``output_dir/step_<step>/<name>/``.
-      teacher_forced: also report teacher-forced losses.
-      lowercase: lower-case before computing WER/CER.
-      progress: show a progress bar.
-    """
-    if data.layout != trainer.model.layout:
-      raise ValueError(f"DecodingEvaluator: dev data layout {data.layout} differs from the "
-                       f"model's {trainer.model.layout}")
-    self.scorer = Scorer(trainer.model, trainer.mesh, trainer.rules,
-                         trainer.state_shardings.params, decoding_config)
-    self.batches, self.detokenize, self.name = eval_data.source_eval_data(data, max_batches)
-    self.prefix = prefix
-    self.output_dir = output_dir
-    self.teacher_forced = teacher_forced
-    self.lowercase = lowercase
-    self.progress = progress
-
-  def __call__(self, state_or_params: Any, step: int) -> dict[str, float]:
-    params = getattr(state_or_params, "params", state_or_params)
-    score = score_batches(self.scorer, params, self.batches, self.detokenize, name=self.name,
-                          lowercase=self.lowercase, teacher_forced=self.teacher_forced,
-                          progress=self.progress)
-    if self.output_dir:
-      write_split(os.path.join(self.output_dir, f"step_{int(step)}", self.name), score,
-                  {"step": int(step), "name": self.name, **self.scorer.decoding.describe()})
-    logging.info("dev decoding at step %d: %s", step, summary_table(
-        [{"step": int(step), "task": self.name, "split": "-", **score.metrics}]))
-    return {self.prefix + k: float(score.metrics[k]) for k in self.REPORTED
-            if k in score.metrics}

@@ -32,8 +32,13 @@ Prompts are what training feeds before the first text token
 Prompts are padded to a power-of-two bucket (``prompt_bucket``, >= 16) so
 that decoding compiles once per bucket, not once per batch.
 
-Sources: a seqio task split (``task_eval_batches``, with ids and reference
-texts) or a training pipeline's dev source (``source_eval_data``).
+Sources: ``read_task_split`` is the one reader of a seqio task split (for
+``sld_jax.eval``, training's dev evaluators and ``SeqioSource.eval_batches``):
+one unshuffled, unpacked pass over this process's shard
+(``tasks.get_dataset(pack=False)``), with ids and reference texts, and with
+several processes the same number of batches on every process (all-padding
+batches fill the shorter shards), since evaluation steps are collective.
+``read_source`` reads a training pipeline's dev source.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from sld_jax import cross_process
 from sld_jax import input_pipeline
 from sld_jax import model_inputs
 from sld_jax.vocab import VocabLayout
@@ -51,7 +57,6 @@ from sld_jax.vocab import VocabLayout
 HostBatch = dict[str, np.ndarray]
 Detokenizer = Callable[[Sequence[int]], str]
 MIN_PROMPT_BUCKET = 16
-MODEL_FEATURES = input_pipeline.FEATURES
 
 
 def as_str(value: Any) -> str:
@@ -145,7 +150,7 @@ def unpack_rows(batches: Iterable[Mapping[str, np.ndarray]], rows: int) -> list[
   out = []
   for start in range(0, len(sequences), rows):
     chunk = sequences[start:start + rows]
-    batch = {name: np.zeros((rows, length), np.int32) for name in MODEL_FEATURES[:3]}
+    batch = {name: np.zeros((rows, length), np.int32) for name in input_pipeline.FEATURES[:3]}
     for row, sequence in enumerate(chunk):
       batch["decoder_target_tokens"][row, :len(sequence)] = sequence
       batch["decoder_loss_weights"][row, :len(sequence)] = 1
@@ -190,10 +195,11 @@ def task_detokenizer(task_name: str) -> Detokenizer:
   return lambda ids: vocabulary.decode([int(i) for i in ids])
 
 
-def task_eval_batches(task_name: str, split: str, *, sequence_length: int, batch_size: int,
-                      process_index: int = 0, process_count: int = 1,
-                      max_batches: Optional[int] = None) -> list[HostBatch]:
-  """One unshuffled pass over a task split, unpacked, with passthrough features.
+def read_task_split(task_name: str, split: str, *, sequence_length: int, batch_size: int,
+                    process_index: int = 0, process_count: int = 1,
+                    max_batches: Optional[int] = None, passthrough: bool = True
+                    ) -> list[HostBatch]:
+  """One unshuffled pass over this process's shard of a task split, unpacked.
 
   ``batch_size`` is global; this process reads its shard of the examples in
   ``batch_size / process_count`` rows per batch, the last batch padded with
@@ -202,20 +208,57 @@ def task_eval_batches(task_name: str, split: str, *, sequence_length: int, batch
   units, as released (``tasks.preprocessors.truncate_speech_to_fit``): the
   split is scored in full, and ``truncated_units`` says by how much each row
   was cut (``truncation_counts``).
+
+  Args:
+    task_name / split: a registered task and one of its splits.
+    sequence_length: tokens per row.
+    batch_size: global rows per batch.
+    process_index / process_count: this process's shard.
+    max_batches: stop after this many batches.
+    passthrough: keep ``id``, ``speaker``, ``text``, ``speech_length``,
+      ``truncated_units`` (else only the model features).
+
+  Raises:
+    ValueError: an unknown task or split, or this shard has no example.
   """
   import seqio  # pylint: disable=g-import-not-at-top
-  from tasks import batches as task_batches  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top
   check_split(task_name, split)
-  batches = task_batches.eval_batches(
-      task_name, split, sequence_length=sequence_length,
-      batch_size=input_pipeline.host_batch_size(batch_size, process_count),
-      shard_info=seqio.ShardInfo(process_index, process_count), max_batches=max_batches)
-  truncated, units = truncation_counts(batches)
-  (logging.warning if truncated else logging.info)(
-      "%s/%s: %d utterances to score, %d with speech truncated to fit %d tokens "
-      "(%d units dropped)", task_name, split, int(sum(real_rows(b).sum() for b in batches)),
-      truncated, sequence_length, units)
+  rows = input_pipeline.host_batch_size(batch_size, process_count)
+  dataset = tasks.get_dataset(
+      task_name, split, sequence_length, rows, pack=False, shuffle=False, seed=None,
+      shard_info=seqio.ShardInfo(process_index, process_count), num_epochs=1,
+      drop_remainder=False)
+  batches = []
+  for batch in dataset.as_numpy_iterator():
+    if not passthrough:
+      batch = {k: v for k, v in batch.items() if k in input_pipeline.FEATURES}
+    batch = {k: (np.asarray(v, np.int32) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
+             for k, v in batch.items()}
+    batches.append(input_pipeline.pad_rows(batch, rows))
+    if max_batches is not None and len(batches) == max_batches:
+      break
+  if not batches:
+    raise ValueError(
+        f"task {task_name!r} split {split!r} has no examples of at most {sequence_length} "
+        f"tokens" + (f" for process {process_index} of {process_count}; use fewer processes"
+                     if process_count > 1 else ""))
+  batches = _pad_batch_count(batches)
+  if passthrough:
+    truncated, units = truncation_counts(batches)
+    (logging.warning if truncated else logging.info)(
+        "%s/%s: %d utterances to score, %d with speech truncated to fit %d tokens "
+        "(%d units dropped)", task_name, split, int(sum(real_rows(b).sum() for b in batches)),
+        truncated, sequence_length, units)
   return batches
+
+
+def _pad_batch_count(batches: list[HostBatch]) -> list[HostBatch]:
+  """Appends all-padding batches up to the most batches of any process."""
+  missing = int(cross_process.all_max(len(batches))) - len(batches)
+  if not missing:
+    return batches
+  return batches + [{k: np.zeros_like(v) for k, v in batches[0].items()}] * missing
 
 
 TRUNCATION_METRICS = ("num_truncated_utterances", "truncated_units")
@@ -235,8 +278,8 @@ def truncation_counts(batches: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray
   return counts
 
 
-def source_eval_data(source: input_pipeline.BatchSource, max_batches: Optional[int] = None
-                     ) -> tuple[list[HostBatch], Detokenizer, str]:
+def read_source(source: input_pipeline.BatchSource, max_batches: Optional[int] = None
+                ) -> tuple[list[HostBatch], Detokenizer, str]:
   """``(batches, detokenize, name)`` of a training pipeline's dev source.
 
   A ``SeqioSource`` is read with its passthrough features (ids, reference
@@ -245,16 +288,12 @@ def source_eval_data(source: input_pipeline.BatchSource, max_batches: Optional[i
   """
   index, count = jax.process_index(), jax.process_count()
   if isinstance(source, input_pipeline.SeqioSource):
-    batches = task_eval_batches(source.task_name, source.split,
-                                sequence_length=source.sequence_length,
-                                batch_size=source.global_batch_size, process_index=index,
-                                process_count=count, max_batches=max_batches)
+    batches = read_task_split(source.task_name, source.split,
+                              sequence_length=source.sequence_length,
+                              batch_size=source.global_batch_size, process_index=index,
+                              process_count=count, max_batches=max_batches)
     return (batches, task_detokenizer(source.task_name),
             f"{source.task_name}/{source.split}")
   rows = input_pipeline.host_batch_size(source.global_batch_size, count)
-  batches = unpack_rows(source.eval_batches(index, count, max_batches), rows)
-  if count > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    most = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
-    batches += [{k: np.zeros_like(v) for k, v in batches[0].items()}] * (most - len(batches))
+  batches = _pad_batch_count(unpack_rows(source.eval_batches(index, count, max_batches), rows))
   return batches, ids_as_words, type(source).__name__

@@ -144,9 +144,6 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("wer/chars_not_stripped", "sld_jax/wer.py",
       "return list(text.strip())", "return list(text)", WER,
       "CER counts leading/trailing spaces"),
-    M("wer/metric_not_percent", "sld_jax/wer.py",
-      '{"wer": 100.0 * wer(targets, predictions),', '{"wer": wer(targets, predictions),',
-      WER, "seqio metric WER as a fraction"),
     # --- input pipeline resume ------------------------------------------------
     M("input/seqio_resume_off_by_one", "sld_jax/input_pipeline.py",
       "num_epochs=None).skip(start_step)", "num_epochs=None).skip(start_step + 1)",

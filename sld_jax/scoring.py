@@ -100,18 +100,6 @@ class DecodingConfig:
 # ----------------------------------------------------------------------------
 
 
-def abstract_params(model: SpeechTextLM, mesh: jax.sharding.Mesh,
-                    rules: partitioning.LogicalRules) -> tuple[Any, Any]:
-  """``(ShapeDtypeStructs with shardings, NamedShardings)`` of the model's parameters."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(model.init_params, jax.random.key(0))
-    shardings = partitioning.logical_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      nn.meta.unbox(boxed), shardings)
-  return abstract, shardings
-
-
 class Scorer:
   """Jitted decoding and teacher-forced scoring of fixed-shape batches.
 
@@ -129,7 +117,8 @@ class Scorer:
     self.rules = tuple(rules)
     self.decoding = decoding_config or DecodingConfig()
     if param_shardings is None:
-      _, param_shardings = abstract_params(model, mesh, self.rules)
+      _, param_shardings = partitioning.abstract_state(model.init_params, jax.random.key(0),
+                                                       mesh=mesh, rules=self.rules)
     self.param_shardings = param_shardings
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.compile_seconds = 0.0

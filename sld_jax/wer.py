@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable, Sequence
 
 import jiwer
 
@@ -163,26 +163,3 @@ def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
 def cer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
   """Corpus character error rate as a fraction (``jiwer.cer``)."""
   return corpus_char_errors(references, hypotheses).rate
-
-
-def wer_metric(targets: Sequence[str],
-               predictions: Sequence[str]) -> Mapping[str, float]:
-  """seqio metric function: corpus WER and CER in percent.
-
-  Args:
-    targets: reference transcripts (already normalised, e.g. lower-cased).
-    predictions: decoded transcripts, in the same order.
-
-  Returns:
-    ``{"wer": 100 * WER, "cer": 100 * CER}``.
-  """
-  targets = [_as_str(t) for t in targets]
-  predictions = [_as_str(p) for p in predictions]
-  return {"wer": 100.0 * wer(targets, predictions),
-          "cer": 100.0 * cer(targets, predictions)}
-
-
-def _as_str(text) -> str:
-  if isinstance(text, bytes):
-    return text.decode("utf-8")
-  return text

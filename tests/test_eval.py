@@ -105,7 +105,7 @@ def test_checkpoint_of_another_model_or_vocabulary_raises(smoke_model_dir):
   smoke_layout = VocabLayout(text_size=14, speech_size=128)
   other = SpeechTextLM(smoke_layout, decoder=functools.partial(
       decoder_config, size="tiny", num_layers=3, embed_dim=64, mlp_dim=512, max_length=256))
-  abstract, _ = scoring.abstract_params(other, mesh, partitioning.DEFAULT_LOGICAL_AXIS_RULES)
+  abstract, _ = partitioning.abstract_state(other.init_params, jax.random.key(0), mesh=mesh)
   with pytest.raises(ValueError, match=r"does not fit the configured model[\s\S]*"
                                        r"layers_2/\S+: in the model, not in the checkpoint"
                                        r"[\s\S]*token_embedder/embedding: checkpoint "
@@ -114,8 +114,7 @@ def test_checkpoint_of_another_model_or_vocabulary_raises(smoke_model_dir):
 
   same_shapes = SpeechTextLM(VocabLayout(text_size=20, speech_size=128), decoder=functools.partial(
       decoder_config, size="tiny", num_layers=2, embed_dim=128, mlp_dim=512, max_length=256))
-  abstract, _ = scoring.abstract_params(same_shapes, mesh,
-                                           partitioning.DEFAULT_LOGICAL_AXIS_RULES)
+  abstract, _ = partitioning.abstract_state(same_shapes.init_params, jax.random.key(0), mesh=mesh)
   with pytest.raises(ValueError, match="was trained on .*sld_embedded_digits_whisper_smoke.*"
                                        "wrong vocabulary"):
     trained_run.restore_params(location, STEPS, abstract, same_shapes.layout, "", ["other_task"])

@@ -118,14 +118,6 @@ def test_empty_reference_counts_insertions():
   assert wer_lib.wer([""], [""]) == 0.0
 
 
-def test_wer_metric_in_percent_and_accepts_bytes():
-  metrics = wer_lib.wer_metric([b"one two", "three four"],
-                               ["one", b"three four"])
-  assert metrics["wer"] == pytest.approx(25.0)
-  assert metrics["cer"] == pytest.approx(
-      100 * jiwer.cer(["one two", "three four"], ["one", "three four"]))
-
-
 def test_mismatched_lengths_raise():
   with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
     wer_lib.wer(["a", "b"], ["a"])

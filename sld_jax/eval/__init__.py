@@ -129,7 +129,8 @@ def evaluate(checkpoint_path: str = gin.REQUIRED, output_dir: str = gin.REQUIRED
   layout = trained_run.run_layout(location, task_names)
   lm = model(layout)
   model_info = f"{lm.config}, vocabulary {layout} of task(s) {task_names}"
-  abstract, shardings = scoring.abstract_params(lm, mesh, rules)
+  abstract, shardings = partitioning.abstract_state(
+      lm.init_params, jax.random.key(0), mesh=mesh, rules=rules)
   scorer = scoring.Scorer(lm, mesh, rules, shardings, decoding_config)
 
   pairs = [(name, split) for name in task_names

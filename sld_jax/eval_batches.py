@@ -150,7 +150,7 @@ def unpack_rows(batches: Iterable[Mapping[str, np.ndarray]], rows: int) -> list[
   out = []
   for start in range(0, len(sequences), rows):
     chunk = sequences[start:start + rows]
-    batch = {name: np.zeros((rows, length), np.int32) for name in input_pipeline.FEATURES[:3]}
+    batch = {name: np.zeros((rows, length), np.int32) for name in model_inputs.REQUIRED_FEATURES}
     for row, sequence in enumerate(chunk):
       batch["decoder_target_tokens"][row, :len(sequence)] = sequence
       batch["decoder_loss_weights"][row, :len(sequence)] = 1
@@ -232,7 +232,7 @@ def read_task_split(task_name: str, split: str, *, sequence_length: int, batch_s
   batches = []
   for batch in dataset.as_numpy_iterator():
     if not passthrough:
-      batch = {k: v for k, v in batch.items() if k in input_pipeline.FEATURES}
+      batch = {k: v for k, v in batch.items() if k in model_inputs.FEATURES}
     batch = {k: (np.asarray(v, np.int32) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
              for k, v in batch.items()}
     batches.append(input_pipeline.pad_rows(batch, rows))

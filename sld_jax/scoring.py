@@ -51,7 +51,7 @@ from sld_jax import atomic_files
 from sld_jax import cross_process
 from sld_jax import decoding
 from sld_jax import eval_batches
-from sld_jax import input_pipeline
+from sld_jax import model_inputs
 from sld_jax import partitioning
 from sld_jax import wer as wer_lib
 from sld_jax.lm import SpeechTextLM
@@ -167,7 +167,7 @@ class Scorer:
 
   def _shard_features(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     return partitioning.shard_host_batch(
-        {k: np.asarray(batch[k], np.int32) for k in input_pipeline.FEATURES if k in batch},
+        {k: np.asarray(batch[k], np.int32) for k in model_inputs.FEATURES if k in batch},
         self.mesh)
 
   def warm_up(self, params, batch: Mapping[str, np.ndarray], prompt_widths: Iterable[int],

@@ -60,6 +60,7 @@ OWN_PACKAGES = tuple(
 LIBRARY_NOTICES = (
     "is deprecated",                     # one library calling another's old API
     "will be removed during packing",    # seqio: unpacked features are dropped, by design
+    "Given directory is read only",      # orbax: eval opens the checkpoints read-only on purpose
 )
 # Lines native libraries print past Python's logging: absl's C++ banner, native INFO lines
 # (printed before absl::InitializeLog, hence the 0000 00:00 date: "I0000 00:00:1796069728.0976

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(pipeline_args)}")
   if args.beam and not _has_beam():
     return _rerun_in_beam_venv(sys.argv[1:] if argv is None else list(argv))
-  console.setup(verbose=args.verbose)
+  console.setup(verbose=args.verbose, datasets=args.corpus == "embedded")
   if args.verbose:
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)

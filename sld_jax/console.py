@@ -38,8 +38,8 @@ import importlib.util
 import logging as py_logging
 import os
 import re
-import sys
 import subprocess
+import sys
 from typing import Optional
 
 from absl import flags

@@ -45,19 +45,15 @@ def find_gin_root() -> str:
 
   The one beside this ``sld_jax`` (a checkout, or the ``site-packages`` it
   was installed into) when there is one, else wherever Python imports
-  ``gin_configs`` from.
-
-  Raises:
-    FileNotFoundError: there is no ``gin_configs`` package.
+  ``gin_configs`` from. Without any, the directory beside ``sld_jax`` (gin
+  then names the file it did not find).
   """
   beside = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if os.path.isfile(os.path.join(beside, GIN_CONFIGS_PACKAGE, "__init__.py")):
     return beside
   spec = importlib.util.find_spec(GIN_CONFIGS_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f"no {GIN_CONFIGS_PACKAGE} package beside {beside} or on sys.path: install sld_jax "
-        "(pip install .) or run from the checkout")
+    return beside
   return os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
 
 

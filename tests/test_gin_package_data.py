@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import tiny_train
+from sld_jax import gin_utils
 
 PACKAGING_INPUTS = ("pyproject.toml", "README.md", "requirements.txt", "sld_jax", "tasks",
                     "gin_configs")
@@ -60,3 +61,13 @@ def test_installed_package_resolves_and_parses_its_gin_files(tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["40", "2"], result.stdout
+
+
+def test_gin_root_is_wherever_gin_configs_imports_from_when_not_beside_sld_jax(
+    tmp_path, monkeypatch):
+  (tmp_path / "gin_configs").mkdir()
+  (tmp_path / "gin_configs" / "__init__.py").write_text("")
+  monkeypatch.setattr(gin_utils, "__file__", str(tmp_path / "other" / "sld_jax" / "gin_utils.py"))
+  monkeypatch.delitem(sys.modules, "gin_configs", raising=False)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert gin_utils.find_gin_root() == str(tmp_path)

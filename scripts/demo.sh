@@ -10,14 +10,14 @@
 #      voices) and the real split (a real person reading digits, from the
 #      Debian asterisk-core-sounds-en packages; never trained on);
 #   4. print the WER table and where everything is.
-# Override the output folder with MODEL_DIR=... and extra gin with GIN_ARGS=...
+# Override the output folder with MODEL_DIR=... and extra gin with GIN_ARGS=...;
+# VERBOSE=1 shows every library's log lines (the mains' --verbose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL_DIR=${MODEL_DIR:-runs/demo}
 EXPERIMENT=${EXPERIMENT:-gin_configs/experiments/demo.gin}
-GIN_ARGS=${GIN_ARGS:-}
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+GIN_ARGS="${GIN_ARGS:-}${VERBOSE:+ --verbose}"
 
 bash scripts/install.sh
 

@@ -52,6 +52,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import logging  # pylint: disable=g-import-not-at-top
+
+from sld_jax import console  # pylint: disable=g-import-not-at-top
 from sld_jax.speech import prepare  # pylint: disable=g-import-not-at-top
 from sld_jax.speech import readers  # pylint: disable=g-import-not-at-top
 
@@ -167,11 +170,18 @@ def main(argv=None) -> int:
                       help="compute the units on Apache Beam (DirectRunner with "
                       "all CPUs unless --runner/--direct_num_workers are given; "
                       "unknown flags are Beam options)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show every library's log lines, INFO included (default: "
+                      "progress bars, warnings and errors)")
   args, pipeline_args = parser.parse_known_args(argv)
   if pipeline_args and not args.beam:
     parser.error(f"unrecognized arguments: {' '.join(pipeline_args)}")
   if args.beam and not _has_beam():
     return _rerun_in_beam_venv(sys.argv[1:] if argv is None else list(argv))
+  console.setup(verbose=args.verbose, datasets=args.corpus == "embedded")
+  if args.verbose:
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
 
   extractor = args.extractor or {"units": "units", "npy": "npy"}.get(
       args.corpus, "whisper")

@@ -1,7 +1,8 @@
 """What the ``python -m sld_jax.train`` and ``sld_jax.eval`` mains share.
 
-The gin and process-topology flags, a console filter for library chatter, the
-start-up both mains run before they parse gin, and ``report_errors``: a
+The gin and process-topology flags, the start-up both mains run before they
+parse gin (a quiet console, see ``sld_jax.console``; ``--verbose`` shows
+every library's logs), and ``report_errors``: a
 known failure (bad config, locked run directory, corrupt or mismatched
 checkpoint, full disk, divergence) ends the main with one ``error: ...``
 line and exit status 1; ``--verbose_errors`` shows the traceback instead.
@@ -10,7 +11,6 @@ line and exit status 1; ``--verbose_errors`` shows the traceback instead.
 from __future__ import annotations
 
 import functools
-import logging as py_logging
 import os
 import sys
 from typing import Callable, Sequence
@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from sld_jax import console
 from sld_jax import distributed
 from sld_jax import gin_utils
 
@@ -48,25 +49,6 @@ def define_flags() -> None:
                     "instead of one error line.")
 
 
-class QuietLibraries(py_logging.Filter):
-  """Drops library chatter from the console: orbax's per-save INFO lines and
-  gin's package-resource probing (logged as errors for every include it
-  resolves from the file system instead)."""
-
-  def __init__(self, verbose_errors: bool = False):
-    super().__init__()
-    self.verbose_errors = verbose_errors
-
-  def filter(self, record):
-    if record.pathname.endswith("gin/resource_reader.py"):
-      return False
-    if "/orbax/" not in record.pathname:
-      return True
-    # orbax logs a failed save's traceback as an error; the main reports it.
-    return record.levelno == py_logging.WARNING or (
-        record.levelno > py_logging.WARNING and self.verbose_errors)
-
-
 def _quiet_closed_loops(hook):
   """An excepthook that drops "Event loop is closed" from library callbacks.
 
@@ -86,10 +68,10 @@ def _quiet_closed_loops(hook):
 
 
 def start(argv: Sequence[str]) -> None:
-  """Rejects stray arguments, quiets library logs, joins the process group."""
+  """Rejects stray arguments, quiets the console, joins the process group."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
-  logging.get_absl_handler().addFilter(QuietLibraries(FLAGS.verbose_errors))
+  console.setup_from_flags()
   if not FLAGS.verbose_errors:
     sys.excepthook = _quiet_closed_loops(sys.excepthook)
     previous_unraisable = sys.unraisablehook

@@ -8,13 +8,15 @@ Command lines look like::
 
 ``--gin.X=Y`` is shorthand for ``--gin_bindings='X = Y'`` (values are gin
 literals, so strings keep their quotes). Files are searched relative to the
-working directory and then the repository root, and includes name files
-from the repository root as in t5x (``include 'gin_configs/models/tiny.gin'``),
-so the same command works from any directory. (Paths relative to
+working directory and then ``GIN_ROOT``, the directory holding the
+``gin_configs`` package: the checkout, or ``site-packages`` once sld_jax is
+installed (``gin_configs`` is package data). Includes name files from there
+as in t5x (``include 'gin_configs/models/tiny.gin'``), so the same command
+works from any directory, with or without a checkout. (Paths relative to
 ``gin_configs/`` such as ``tasks/x.gin`` are avoided on purpose: gin's
 package-resource reader would take ``tasks`` for the Python package; the
 ``gin_configs`` folders carry ``__init__.py`` files so that the same reader
-resolves them when the checkout is on ``sys.path``.)
+resolves them too.)
 
 Macros set to ``%gin.REQUIRED`` (``MODEL_DIR``, ``TRAIN_STEPS``, data paths)
 must be overridden: finalizing the config raises and names the macro.
@@ -28,15 +30,36 @@ command-line macro that no gin file defines, no binding references as
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Iterator, Optional, Sequence
 
 from absl import logging
 import gin
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_CONFIGS_DIR = os.path.join(REPO_ROOT, "gin_configs")
-DEFAULT_SEARCH_PATHS = (".", REPO_ROOT)
+GIN_CONFIGS_PACKAGE = "gin_configs"
+
+
+def find_gin_root() -> str:
+  """The directory holding the ``gin_configs`` package.
+
+  The one beside this ``sld_jax`` (a checkout, or the ``site-packages`` it
+  was installed into) when there is one, else wherever Python imports
+  ``gin_configs`` from. Without any, the directory beside ``sld_jax`` (gin
+  then names the file it did not find).
+  """
+  beside = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isfile(os.path.join(beside, GIN_CONFIGS_PACKAGE, "__init__.py")):
+    return beside
+  spec = importlib.util.find_spec(GIN_CONFIGS_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    return beside
+  return os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
+
+
+GIN_ROOT = find_gin_root()
+GIN_CONFIGS_DIR = os.path.join(GIN_ROOT, GIN_CONFIGS_PACKAGE)
+DEFAULT_SEARCH_PATHS = (".", GIN_ROOT)
 CONFIG_FILENAME = "config.gin"
 
 

@@ -10,6 +10,10 @@ resumed in the same MODEL_DIR continues to TRAIN_STEPS. Multi-process runs
 ``--coordinator_address=host:port --num_processes=N --process_id=i`` (or the
 ``SLD_*`` environment variables, see ``sld_jax/distributed.py``); every
 process runs the same command.
+
+The console shows progress, metrics, warnings and the paths written;
+``--verbose`` adds every library's log lines (``sld_jax/console.py``).
+``--helpfull`` lists all flags.
 """
 
 from __future__ import annotations

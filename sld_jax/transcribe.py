@@ -46,6 +46,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from sld_jax import console
 from sld_jax import model_inputs
 
 if TYPE_CHECKING:
@@ -353,6 +354,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
+  console.setup_from_flags()
   from sld_jax import scoring  # pylint: disable=g-import-not-at-top
   from sld_jax import run_assets  # pylint: disable=g-import-not-at-top
   from sld_jax.speech import audio as audio_lib  # pylint: disable=g-import-not-at-top

@@ -31,7 +31,7 @@ from sld_jax import optim
 from sld_jax.vocab import VocabLayout
 
 GIN_DIR = gin_utils.GIN_CONFIGS_DIR
-ALL_FILES = sorted(os.path.relpath(p, gin_utils.REPO_ROOT)
+ALL_FILES = sorted(os.path.relpath(p, gin_utils.GIN_ROOT)
                    for p in glob.glob(os.path.join(GIN_DIR, "**", "*.gin"), recursive=True))
 EXPERIMENTS = [p for p in ALL_FILES if p.startswith("gin_configs/experiments/")]
 REQUIRED = ('MODEL_DIR="/tmp/unused"', "TRAIN_STEPS=1000",
@@ -51,7 +51,7 @@ def _clean_gin():
 
 
 def _includes(path: str) -> set[str]:
-  with open(os.path.join(gin_utils.REPO_ROOT, path)) as f:
+  with open(os.path.join(gin_utils.GIN_ROOT, path)) as f:
     direct = re.findall(r"^include '([^']+)'", f.read(), re.M)
   return set(direct).union(*[_includes(p) for p in direct]) if direct else set()
 
@@ -76,7 +76,7 @@ def test_files_parse_from_another_directory_with_the_checkout_on_the_path(tmp_pa
             "['MODEL_DIR=\"/tmp/x\"'], finalize=False); "
             "print(gin.query_parameter('%TRAIN_STEPS'))")
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  result = subprocess.run([sys.executable, "-c", script, gin_utils.REPO_ROOT], cwd=tmp_path,
+  result = subprocess.run([sys.executable, "-c", script, gin_utils.GIN_ROOT], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1].isdigit()

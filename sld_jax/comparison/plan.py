@@ -56,9 +56,9 @@ class RunSpec:
 
 def objective_file(method: str) -> str:
   path = os.path.join(OBJECTIVES_DIR, f"{method}.gin")
-  if not os.path.isfile(os.path.join(gin_utils.REPO_ROOT, path)):
+  if not os.path.isfile(os.path.join(gin_utils.GIN_ROOT, path)):
     available = sorted(name[:-4] for name in os.listdir(
-        os.path.join(gin_utils.REPO_ROOT, OBJECTIVES_DIR)) if name.endswith(".gin"))
+        os.path.join(gin_utils.GIN_ROOT, OBJECTIVES_DIR)) if name.endswith(".gin"))
     raise ValueError(f"unknown method {method!r}: there is no {path}; methods: {available}")
   return path
 

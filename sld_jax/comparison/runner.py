@@ -141,7 +141,7 @@ class Runner:
     with open(log_path, "a") as log:
       log.write(f"\n# {now()}\n# {shlex.join(command)}\n")
       log.flush()
-      self.process = subprocess.Popen(command, cwd=gin_utils.REPO_ROOT, env=self.env,
+      self.process = subprocess.Popen(command, cwd=gin_utils.GIN_ROOT, env=self.env,
                                       stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
       try:

@@ -3,7 +3,7 @@ r"""Greedy decoding: sld_jax KV-cache decoding vs transformers ``generate``.
 The same network on both sides: random sld_jax parameters, exported with
 ``sld_jax.hf_gpt2.export_hf_gpt2`` (sld id order) and loaded by
 ``transformers.GPT2LMHeadModel.from_pretrained``. The same prompts
-(``units <speech_end>``, ``U[50, 150]`` units), the same amount of work:
+(``0 units <speech_end>`` as training feeds them, ``U[50, 150]`` units), the same amount of work:
 every row generates exactly ``--max_new_tokens`` tokens, because both sides
 restrict the next token to text ids other than ``<text_end>`` (sld_jax:
 ``greedy_decode``'s text-only bias plus a -inf on <text_end> in the step
@@ -59,6 +59,7 @@ import transformers
 
 from sld_jax import decoding  # pylint: disable=g-import-not-at-top
 from sld_jax import hf_gpt2
+from sld_jax import model_inputs
 from sld_jax.model import decoder as decoder_lib
 from sld_jax.model.config import decoder_config
 from sld_jax.vocab import EOS_ID, PAD_ID, VocabLayout
@@ -66,14 +67,13 @@ from sld_jax.vocab import EOS_ID, PAD_ID, VocabLayout
 
 def make_prompts(layout: VocabLayout, batch_size: int, units: tuple[int, int],
                  seed: int) -> list[np.ndarray]:
-  """``units <speech_end>`` prompts with random units, ``U[units]`` long."""
+  """``0 units <speech_end>`` prompts (``model_inputs.prompt_from_units``), ``U[units]`` units."""
   rng = np.random.default_rng([seed, 3])
   prompts = []
   for _ in range(batch_size):
     count = int(rng.integers(units[0], units[1] + 1))
-    prompts.append(np.concatenate([
-        layout.units_to_ids(rng.integers(0, layout.speech_size, count)),
-        [layout.speech_end_id]]).astype(np.int32))
+    prompts.append(model_inputs.prompt_from_units(
+        rng.integers(0, layout.speech_size, count), layout))
   return prompts
 
 

@@ -1,7 +1,7 @@
 r"""Decoding speed: KV-cache vs naive full-forward decoding, greedy vs beam search.
 
 Random parameters (no checkpoint needed) for the named model sizes; a batch
-of right-padded prompts ``units <speech_end>`` whose lengths are drawn from
+of right-padded prompts ``0 units <speech_end>`` (as training feeds them) whose lengths are drawn from
 ``[prompt_length / 2, prompt_length]`` (LibriSpeech utterances average about
 12 s: 600 units at 50 units/s, 150-250 tokens once the units are turned into
 SentencePiece pieces); every row generates up to ``decode_length`` text
@@ -41,6 +41,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from sld_jax import decoding
+from sld_jax import model_inputs
 from sld_jax import partitioning
 from sld_jax.model import decoder
 from sld_jax.model.config import decoder_config
@@ -67,9 +68,10 @@ def random_params(module: decoder.Decoder, seed: int = 0):
 def make_prompts(layout: VocabLayout, batch: int, length: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(max(length // 2, 2), length + 1, size=batch).astype(np.int32)
-  prompts = rng.integers(layout.speech_offset, layout.real_size, (batch, length)).astype(np.int32)
-  prompts[np.arange(batch), lengths - 1] = layout.speech_end_id
-  prompts[np.arange(length)[None, :] >= lengths[:, None]] = 0
+  prompts = np.zeros((batch, length), np.int32)
+  for row, prompt_length in enumerate(lengths):
+    units = rng.integers(0, layout.speech_size, prompt_length - 2)
+    prompts[row, :prompt_length] = model_inputs.prompt_from_units(units, layout)
   return prompts, lengths
 
 

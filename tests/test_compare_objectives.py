@@ -74,7 +74,7 @@ def test_base_config_follows_the_released_recipe():
   assert gin_values.lookup(recipe.values("sld_reference"),
                            "losses.LossConfig.kl_target") == "reference"
   steps, every = recipe.schedule("sld")
-  assert steps >= 10 * every
+  assert steps >= 4 * every   # a dev-WER curve of at least 4 points per run
   assert len(comparison.parse_args([]).seeds) >= 5
   from sld_jax.speech import embedded_corpus  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top

@@ -75,7 +75,7 @@ class UtteranceUnits(beam.DoFn):
   """(split, Utterance) -> the prepared records of it (1 + speed copies).
 
   The extractor is loaded once per worker in ``setup``; the per-utterance
-  work is prepare's own (``_Preparer._unit_records`` over a one-utterance
+  work is prepare's own (``Preparer.unit_records`` over a one-utterance
   source), so both paths compute the same units.
   """
 
@@ -98,12 +98,10 @@ class UtteranceUnits(beam.DoFn):
     beam.metrics.Metrics.counter(METRICS_NAMESPACE, f"{split}/utterances").inc()
     one = corpus_sources.UtteranceSource(
         {prepare_lib.TRAIN: [], split: [utt]}, name="one utterance")
-    preparer = prepare_lib._Preparer(  # pylint: disable=protected-access
-        one, "/nonexistent", self._options)
-    preparer._extractor = self._extractor  # pylint: disable=protected-access
-    preparer._codebook = self._codebook  # pylint: disable=protected-access
+    preparer = prepare_lib.Preparer(one, "/nonexistent", self._options,
+                                    extractor=self._extractor, codebook=self._codebook)
     try:
-      records = list(preparer._unit_records(split))  # pylint: disable=protected-access
+      records = list(preparer.unit_records(split))
     except prepare_lib.PrepareError as e:
       if self._on_error == "raise":
         raise
@@ -172,7 +170,7 @@ def _write_units(source: prepare_lib.Source, out_dir: str,
            | f"units {split}" >> beam.ParDo(UtteranceUnits(
                options, source.kind, codebook, on_error))
            | f"serialise {split}" >> beam.Map(
-               prepare_lib._example)  # pylint: disable=protected-access
+               prepare_lib.serialize_example)
            | f"write {split}" >> beam.io.WriteToTFRecord(
                os.path.join(directory, f"{split}.tfrecord"), num_shards=num_shards,
                shard_name_template="-SSSSS-of-NNNNN"))
@@ -197,7 +195,7 @@ def _write_units(source: prepare_lib.Source, out_dir: str,
             "seconds_to_prepare": seconds}
     if skipped:
       info["num_skipped"] = skipped
-    prepare_lib._mark_done(out_dir, name, info)  # pylint: disable=protected-access
+    prepare_lib.mark_done(out_dir, name, info)
     logging.info("prepared %s/%s on Beam: %s", out_dir, name, info)
 
 
@@ -224,8 +222,8 @@ def prepare(source: prepare_lib.Source, out_dir: str,
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
   options = options if options is not None else prepare_lib.PrepareOptions()
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  preparer = prepare_lib._Preparer(source, out_dir, options)  # pylint: disable=protected-access
-  with prepare_lib._locked(out_dir):  # pylint: disable=protected-access
+  preparer = prepare_lib.Preparer(source, out_dir, options)
+  with prepare_lib.locked(out_dir):
     preparer.check_options()
     if prepare_lib.is_prepared(out_dir):
       return prepare_lib.load_metadata(out_dir)

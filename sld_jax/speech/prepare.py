@@ -202,7 +202,7 @@ def _is_done(out_dir: str, name: str) -> bool:
   return os.path.exists(_done_path(out_dir, name))
 
 
-def _mark_done(out_dir: str, name: str, info: Mapping[str, Any]) -> None:
+def mark_done(out_dir: str, name: str, info: Mapping[str, Any]) -> None:
   _write_json(_done_path(out_dir, name), info)
 
 
@@ -218,7 +218,7 @@ def _read_json(path: str) -> Any:
 
 
 @contextlib.contextmanager
-def _locked(out_dir: str):
+def locked(out_dir: str):
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, ".lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -277,7 +277,7 @@ def split_files(out_dir: str, split: str, raw: bool = False) -> list[str]:
                      f"({split}.tfrecord-SSSSS-of-NNNNN or {split}.tfrecord)")
 
 
-def _example(record: Mapping[str, Any]) -> bytes:
+def serialize_example(record: Mapping[str, Any]) -> bytes:
   def _bytes(s):
     return tf.train.Feature(bytes_list=tf.train.BytesList(
         value=[s.encode("utf-8")]))
@@ -318,7 +318,7 @@ def _write_records(out_dir: str, split: str, raw: bool,
           writer.close()
         shard += 1
         writer = tf.io.TFRecordWriter(paths[shard] + ".incomplete")
-      writer.write(_example(record))
+      writer.write(serialize_example(record))
       count += 1
       num_units += len(record["units"])
       seconds += float(record["duration"])
@@ -363,11 +363,17 @@ def read_records(paths) -> Iterator[dict[str, Any]]:
 # The preparer.
 
 
-class _Preparer:
-  """Runs the stages of ``prepare`` for one source and directory."""
+class Preparer:
+  """Runs the stages of ``prepare`` for one source and directory.
+
+  ``extractor`` and ``codebook`` are normally built (or loaded from
+  ``out_dir``) on first use; a worker that already holds them (the Beam
+  pipeline's ``DoFn``) passes them in and calls ``unit_records`` alone.
+  """
 
   def __init__(self, source: Source, out_dir: str, options: PrepareOptions,
-               on_error: str = "raise"):
+               on_error: str = "raise", *, extractor: Any = None,
+               codebook: Optional[kmeans.Codebook] = None):
     if on_error not in ON_ERROR:
       raise PrepareError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     self.source = source
@@ -375,8 +381,8 @@ class _Preparer:
     self.options = options
     self.on_error = on_error
     self.bad: dict[tuple[str, str], str] = {}   # (split, id) -> reason, when skipping
-    self._extractor = None
-    self._codebook = None
+    self._extractor = extractor
+    self._codebook = codebook
     needed = {"audio": ("whisper", "logmel"), "features": ("npy",),
               "units": ("units",)}[source.kind]
     if options.extractor not in needed:
@@ -474,7 +480,7 @@ class _Preparer:
       os.replace(prefix + ".vocab", os.path.join(self.out_dir, "text.vocab"))
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     size = spm.SentencePieceProcessor(model_file=path).get_piece_size()
-    _mark_done(self.out_dir, "text", {"text_size": size})
+    mark_done(self.out_dir, "text", {"text_size": size})
     return path
 
   @staticmethod
@@ -564,7 +570,7 @@ class _Preparer:
         batch_size=batch_size, num_steps=num_steps,
         extractor_name=self.extractor.name)
     codebook.save(path)
-    _mark_done(self.out_dir, "codebook", {
+    mark_done(self.out_dir, "codebook", {
         "num_clusters": codebook.num_clusters, "dim": codebook.dim,
         "num_frames": int(frames.shape[0]),
         "num_utterances": len(chosen)})
@@ -572,7 +578,7 @@ class _Preparer:
     return codebook
 
   # -- stage: units per split --------------------------------------------------
-  def _unit_records(self, split: str) -> Iterator[dict[str, Any]]:
+  def unit_records(self, split: str) -> Iterator[dict[str, Any]]:
     """Units (after merging) and normalised text of every utterance."""
     speeds = (1.0,) + (self.options.speed_perturb if split == TRAIN else ())
     codebook = self.codebook()
@@ -626,7 +632,7 @@ class _Preparer:
     os.makedirs(os.path.dirname(_done_path(self.out_dir, name)), exist_ok=True)
     start = time.time()
     speeds = 1 + (len(self.options.speed_perturb) if split == TRAIN else 0)
-    info = _write_records(self.out_dir, split, raw, self._unit_records(split),
+    info = _write_records(self.out_dir, split, raw, self.unit_records(split),
                           self.source.num_utterances(split) * speeds)
     if info["num_examples"] == 0:
       for path in split_files(self.out_dir, split, raw):
@@ -636,7 +642,7 @@ class _Preparer:
       info["skipped"] = self.skipped_counts(split)
       logging.warning("split %s: skipped %s", split, info["skipped"])
     info["seconds_to_prepare"] = round(time.time() - start, 1)
-    _mark_done(self.out_dir, name, info)
+    mark_done(self.out_dir, name, info)
     logging.info("prepared %s/%s: %s", self.out_dir, name, info)
     return info
 
@@ -654,7 +660,7 @@ class _Preparer:
       os.replace(prefix + ".vocab",
                  os.path.join(self.out_dir, "unit_pieces.vocab"))
       pieces = units_lib.UnitPieceModel(path, self.options.num_clusters)
-      _mark_done(self.out_dir, "unit_pieces", {"num_pieces": pieces.num_pieces})
+      mark_done(self.out_dir, "unit_pieces", {"num_pieces": pieces.num_pieces})
     return units_lib.UnitPieceModel(path, self.options.num_clusters)
 
   def write_piece_split(self, split: str,
@@ -666,7 +672,7 @@ class _Preparer:
                for r in read_records(split_files(self.out_dir, split, raw=True)))
     info = _write_records(self.out_dir, split, False, records,
                           raw["num_examples"])
-    _mark_done(self.out_dir, split, info)
+    mark_done(self.out_dir, split, info)
     return info
 
   # -- all ---------------------------------------------------------------------
@@ -768,8 +774,8 @@ def prepare(source: Source, out_dir: str,
     The metadata (as in ``metadata.json``).
   """
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  preparer = _Preparer(source, out_dir, options, on_error)
-  with _locked(out_dir):
+  preparer = Preparer(source, out_dir, options, on_error)
+  with locked(out_dir):
     preparer.check_options()
     if is_prepared(out_dir):
       return _shard_unsharded_splits(out_dir)

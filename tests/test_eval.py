@@ -6,12 +6,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jiwer
 import pytest
+
+import tiny_train
 
 from sld_jax import eval as eval_lib
 from sld_jax import partitioning
@@ -22,8 +22,6 @@ from sld_jax.model.config import decoder_config
 from sld_jax.vocab import VocabLayout
 
 jax.config.update("jax_default_matmul_precision", "highest")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE_GIN = "gin_configs/experiments/smoke.gin"
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
 
 # ----------------------------------------------------------------------------
@@ -34,11 +32,7 @@ STEPS = 2
 EVAL_FLAGS = ["--gin.DecodingConfig.max_decode_length=12"]
 
 
-def _run(module, *flags):
-  process = subprocess.run([sys.executable, "-m", module, f"--gin_file={SMOKE_GIN}", *flags],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert process.returncode == 0, process.stderr[-4000:]
-  return process
+_run = tiny_train.run_smoke
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import tiny_train
+
 from sld_jax import input_pipeline
 from sld_jax import run_assets
 from sld_jax import scoring
@@ -30,7 +32,6 @@ from sld_jax.speech import prepare
 from sld_jax.vocab import VocabLayout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE_GIN = "gin_configs/experiments/smoke.gin"
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
 STEPS = 2
 DECODING = scoring.DecodingConfig(max_decode_length=8)
@@ -40,14 +41,11 @@ DECODING = scoring.DecodingConfig(max_decode_length=8)
 def run_dir(tmp_path_factory):
   """A 2-step run of the smoke experiment (Whisper units of the digits smoke corpus)."""
   model_dir = str(tmp_path_factory.mktemp("run"))
-  process = subprocess.run(
-      [sys.executable, "-m", "sld_jax.train", f"--gin_file={SMOKE_GIN}",
-       f'--gin.MODEL_DIR="{model_dir}"', f"--gin.TRAIN_STEPS={STEPS}", "--gin.WARMUP_STEPS=0",
-       "--gin.EVAL_EVERY=0", "--gin.trainer.train.evaluators=[]",
-       "--gin.trainer.train.tensorboard=False", "--gin.decoder_config.num_layers=1",
-       "--gin.decoder_config.embed_dim=64", "--gin.decoder_config.mlp_dim=128"],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert process.returncode == 0, process.stderr[-4000:]
+  tiny_train.run_smoke(
+      "sld_jax.train", f'--gin.MODEL_DIR="{model_dir}"', f"--gin.TRAIN_STEPS={STEPS}",
+      "--gin.WARMUP_STEPS=0", "--gin.EVAL_EVERY=0", "--gin.trainer.train.evaluators=[]",
+      "--gin.trainer.train.tensorboard=False", "--gin.decoder_config.num_layers=1",
+      "--gin.decoder_config.embed_dim=64", "--gin.decoder_config.mlp_dim=128")
   return model_dir
 
 

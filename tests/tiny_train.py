@@ -67,6 +67,15 @@ def run(command: Sequence[str], env: dict[str, str], timeout: float = 240
   return result
 
 
+SMOKE_GIN = "gin_configs/experiments/smoke.gin"
+
+
+def run_smoke(module: str, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
+  """``python -m <module> --gin_file=<smoke experiment> <flags>`` in the checkout."""
+  return run([sys.executable, "-m", module, f"--gin_file={SMOKE_GIN}", *flags], dict(os.environ),
+             timeout)
+
+
 def read_metrics(model_dir: str, filename: str = "metrics.jsonl") -> list[dict]:
   with open(os.path.join(model_dir, filename)) as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -37,6 +37,8 @@ from typing import Any, Iterator, Optional, Sequence
 from absl import logging
 import gin
 
+from sld_jax import atomic_files
+
 GIN_CONFIGS_PACKAGE = "gin_configs"
 
 
@@ -205,11 +207,7 @@ def write_operative_config(model_dir: str, filename: str = CONFIG_FILENAME,
   """
   if not is_primary:
     return None
-  os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, filename)
-  text = gin.operative_config_str()
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  atomic_files.write_text(path, gin.operative_config_str())
   logging.info("Wrote the operative gin config to %s", path)
   return path

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional
 from absl import logging
 import numpy as np
 
+from sld_jax import atomic_files
+
 
 def _to_python(value: Any) -> Any:
   value = np.asarray(value)
@@ -57,7 +59,7 @@ class MetricsWriter:
       return 0
     with open(self.jsonl_path) as f:
       lines = [line for line in f if line.strip()]
-    kept = []
+    kept, unterminated = [], False
     for number, line in enumerate(lines, 1):
       try:
         record = json.loads(line)
@@ -66,12 +68,11 @@ class MetricsWriter:
                         self.jsonl_path, number)
         continue
       if record.get("step", -1) <= step:
-        kept.append(line)
+        unterminated |= not line.endswith("\n")
+        kept.append(line if line.endswith("\n") else line + "\n")
     dropped = len(lines) - len(kept)
-    if dropped:
-      with open(self.jsonl_path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(self.jsonl_path + ".tmp", self.jsonl_path)
+    if dropped or unterminated:
+      atomic_files.write_text(self.jsonl_path, "".join(kept))
       logging.info("%s: removed %d lines after step %d (the run resumes from there)",
                    self.jsonl_path, dropped, step)
     return dropped

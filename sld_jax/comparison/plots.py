@@ -10,12 +10,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from sld_jax import atomic_files
+
 
 def _save(fig, path: str) -> str:
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=110)
+  with atomic_files.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
   return path
 
 

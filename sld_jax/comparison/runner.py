@@ -35,6 +35,7 @@ import subprocess
 import time
 from typing import Any, Callable, Optional
 
+from sld_jax import atomic_files
 from sld_jax import gin_utils
 from sld_jax.comparison import plan as plan_lib
 from sld_jax.comparison import run_files
@@ -59,11 +60,7 @@ def read_state(run_dir: str) -> dict[str, Any]:
 
 
 def write_state(run_dir: str, state: dict[str, Any]) -> None:
-  os.makedirs(run_dir, exist_ok=True)
-  path = os.path.join(run_dir, STATE_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(state, f, indent=1)
-  os.replace(path + ".tmp", path)
+  atomic_files.write_json(os.path.join(run_dir, STATE_FILE), state, indent=1, sort_keys=False)
 
 
 def clock(seconds: float) -> str:

@@ -4,7 +4,7 @@ The shared core of ``python -m sld_jax.eval``, of training's periodic dev
 evaluation (``sld_jax.evaluators.DecodingEvaluator``) and of transcription.
 ``score_batches``: for every fixed-shape batch of utterances
 (``sld_jax.eval_batches``) it decodes the transcripts (greedy or beam search
-from the prompt ``units <speech_end>``, ``sld_jax.decoding``), scores the
+from the prompt ``0 units <speech_end>``, ``sld_jax.decoding``), scores the
 references with teacher forcing, and aligns hypotheses with references
 (``sld_jax.wer``, counting as jiwer 4.0).
 

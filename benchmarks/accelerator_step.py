@@ -25,13 +25,30 @@ model width and ``S`` the row length. Rematerialisation is not counted
       --dtype bfloat16 --rows 16 --length 1024 --out results.json \
       --variants reference cudnn cudnn_chunked cudnn_chunked_bf16logits
 
-``--variants`` names implementation choices (``VARIANTS``): the reference
-(written-out attention with dropout, ``[B, L, V]`` float32 logits), cuDNN
-flash attention (no attention dropout), plus the chunked loss, plus the
-output projection in bfloat16. ``--memory_only`` compiles each step ahead of
-time (``Trainer.lower_train_step``) and reports XLA's memory and cost
-analysis without running it: the check to make on a CPU before spending
-accelerator time ("xla" stands in for "cudnn" off GPUs).
+``--variants`` names implementation choices (``VARIANTS``):
+
+  reference          written-out attention with dropout, ``[B, L, V]``
+                     float32 logits, threefry dropout masks (the defaults)
+  cudnn              cuDNN flash attention with the dense packed mask (no
+                     attention dropout); the rest as reference
+  cudnn_fused        + the chunked loss with its in-pass gradient, the output
+                     projection in bfloat16, dropout masks from "rbg"
+  packed             cudnn_fused with cuDNN's packed layout: attention inside
+                     each segment only (``model/packed_attention.py``)
+  packed_no_dropout  packed with residual dropout off as well
+
+Each configuration runs in its own process (``--in_process`` runs them in
+this one), so that the device's ``peak_bytes_in_use`` is that configuration's
+own; XLA's compiled footprint (arguments + temporaries) is reported beside it.
+``--memory_only`` compiles each step ahead of time
+(``Trainer.lower_train_step``) and reports XLA's memory and cost analysis
+without running it: the check to make on a CPU before spending accelerator
+time ("xla" stands in for the cuDNN implementations off GPUs).
+``--check_attention`` compares ``cudnn_packed`` with the float32 reference
+attention on packed rows (outputs and gradients at real positions) and times
+the attention implementations alone; ``--profile DIR`` traces 3 steps of
+each configuration and summarises where the device time went
+(``profile_summary.py``).
 
 On a CPU (``--sizes tiny --rows 2 --length 256 --steps 2``) it checks the
 script; its MFU there is meaningless.
@@ -44,6 +61,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -87,26 +105,32 @@ def model_flops_per_token(params: Any, num_layers: int, embed_dim: int,
   return 6 * matmul_params + 12 * num_layers * embed_dim * length, matmul_params
 
 
-# name -> (DecoderConfig overrides, SpeechTextLM.loss_chunk_size)
-VARIANTS: dict[str, tuple[dict[str, Any], Optional[int]]] = {
-    "reference": ({}, None),
-    "no_attention_dropout": (dict(attention_dropout_rate=0.0), None),
-    "cudnn": (dict(attention_implementation="cudnn", attention_dropout_rate=0.0), None),
-    "cudnn_chunked": (dict(attention_implementation="cudnn", attention_dropout_rate=0.0), 256),
-    "cudnn_chunked_bf16logits": (dict(attention_implementation="cudnn", attention_dropout_rate=0.0,
-                                      logits_via_embedding_dtype="bfloat16"), 256),
-    "xla_chunked": (dict(attention_implementation="xla", attention_dropout_rate=0.0), 256),
+_FUSED = dict(decoder=dict(attention_implementation="cudnn", attention_dropout_rate=0.0,
+                          logits_via_embedding_dtype="bfloat16"),
+              loss_chunk_size=256, dropout_rng_impl="rbg")
+_PACKED = dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation="cudnn_packed"))
+# name -> {"decoder": DecoderConfig overrides, SpeechTextLM options...}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "reference": dict(decoder={}),
+    "cudnn": dict(decoder=dict(attention_implementation="cudnn", attention_dropout_rate=0.0)),
+    "cudnn_fused": _FUSED,
+    "packed": _PACKED,
+    "packed_no_dropout": dict(_PACKED, decoder=dict(_PACKED["decoder"], dropout_rate=0.0)),
+    "xla_fused": dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation="xla")),
 }
+_GPU_ONLY_ATTENTION = ("cudnn", "cudnn_packed")
 
 
-def variant_options(name: str) -> tuple[dict[str, Any], Optional[int]]:
-  """A variant's options; "cudnn" becomes "xla" where there is no GPU."""
+def variant_options(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(DecoderConfig overrides, SpeechTextLM options)``; cuDNN becomes "xla" off GPUs."""
   if name not in VARIANTS:
     raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
-  overrides, chunk = VARIANTS[name]
-  if overrides.get("attention_implementation") == "cudnn" and jax.default_backend() != "gpu":
-    overrides = dict(overrides, attention_implementation="xla")
-  return overrides, chunk
+  options = dict(VARIANTS[name])
+  overrides = dict(options.pop("decoder"))
+  if (overrides.get("attention_implementation") in _GPU_ONLY_ATTENTION
+      and jax.default_backend() != "gpu"):
+    overrides["attention_implementation"] = "xla"
+  return overrides, options
 
 
 def _batches(layout: VocabLayout, args) -> list[dict[str, np.ndarray]]:
@@ -119,10 +143,10 @@ def _batches(layout: VocabLayout, args) -> list[dict[str, np.ndarray]]:
 
 
 def _trainer(size: str, method: str, variant: str, layout: VocabLayout, args):
-  overrides, chunk = variant_options(variant)
+  overrides, options = variant_options(variant)
   return train_throughput.build_sld_jax_trainer(
       size, layout, args.length, method=method, dtype=args.dtype, remat=args.remat,
-      scan_layers=args.scan_layers, loss_chunk_size=chunk, **overrides)
+      scan_layers=args.scan_layers, **options, **overrides)
 
 
 def analyse_size(size: str, method: str, variant: str, args) -> dict[str, Any]:
@@ -147,49 +171,205 @@ def analyse_size(size: str, method: str, variant: str, args) -> dict[str, Any]:
 
 
 def time_size(size: str, method: str, args, variant: str = "reference") -> dict[str, Any]:
+  """Compiles the step once (ahead of time), then times ``args.steps`` steps."""
   layout = VocabLayout(args.text_size, args.speech_size)
   batches = _batches(layout, args)
   trainer = _trainer(size, method, variant, layout, args)
+  start = time.perf_counter()
+  step_fn = trainer.lower_train_step(batches[0]).compile()
+  compile_seconds = time.perf_counter() - start
+  memory = step_fn.memory_analysis()
   state = trainer.init_state()
   config = trainer.model.config
   flops_per_token, matmul_params = model_flops_per_token(
       state.params, config.num_layers, config.embed_dim, args.length)
 
-  start = time.perf_counter()
-  state, metrics = trainer.train_step(state, trainer.shard_batch(batches[0]))
-  jax.block_until_ready(metrics)
-  first_step = time.perf_counter() - start
-  state, metrics = trainer.train_step(state, trainer.shard_batch(batches[1]))
-  jax.block_until_ready(metrics)
-  device_batches = [trainer.shard_batch(batch) for batch in batches[2:]]
-  times = []
-  for batch in device_batches:
-    start = time.perf_counter()
-    state, metrics = trainer.train_step(state, batch)
+  def run(state, batch):
+    with trainer.context():
+      state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
+    return state, metrics
+
+  device_batches = [trainer.shard_batch(batch) for batch in batches]
+  for batch in device_batches[:2]:
+    state, metrics = run(state, batch)
+  times = []
+  for batch in device_batches[2:]:
+    start = time.perf_counter()
+    state, metrics = run(state, batch)
     times.append(time.perf_counter() - start)
   step = statistics.median(times)
   tokens = args.rows * args.length
-  memory = jax.devices()[0].memory_stats() or {}
-  return {
+  result = {
       "size": size, "method": method, "variant": variant, "dtype": args.dtype,
       "remat": args.remat, "rows": args.rows, "length": args.length, "vocab": layout.size,
-      "matmul_params": matmul_params, "first_step_seconds": first_step,
+      "options": VARIANTS[variant], "matmul_params": matmul_params,
+      "compile_seconds": compile_seconds,
       "step_seconds": step, "step_seconds_all": times,
       "tokens_per_second": tokens / step,
       "model_tflops_per_second": flops_per_token * tokens / step / 1e12,
       "loss": float(metrics["loss"]),
-      "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
+      "peak_bytes_in_use": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
+      "compiled_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
+                        + memory.output_size_in_bytes - memory.alias_size_in_bytes,
   }
+  if args.profile:
+    trace_dir = os.path.join(args.profile, f"trace_{size}_{method}_{variant}")
+    with jax.profiler.trace(trace_dir):
+      for batch in device_batches[2:5]:
+        state, metrics = run(state, batch)
+    import profile_summary  # pylint: disable=g-import-not-at-top
+    plane = "/device:GPU" if jax.default_backend() == "gpu" else "/host:CPU"
+    summary = profile_summary.summarize(trace_dir, plane, top=30, steps=3)
+    with open(os.path.join(args.profile, f"profile_{size}_{method}_{variant}.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    result["profile_categories_ms"] = summary["categories_ms_per_step"]
+  return result
+
+
+def _packed_segments(rng: np.random.Generator, rows: int, length: int) -> np.ndarray:
+  """Packed rows of utterance-like lengths (U[55, 170]) and trailing padding."""
+  segments = np.zeros((rows, length), np.int32)
+  for row in range(rows):
+    start, segment = 0, 1
+    while True:
+      size = int(rng.integers(55, 171))
+      if start + size > length:
+        break
+      segments[row, start:start + size] = segment
+      start, segment = start + size, segment + 1
+  return segments
+
+
+def _packed_without_fallback(query, key, value, segment_ids, scale, max_segments):
+  """``packed_attention`` without its ``lax.cond``: what the fallback costs."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  from sld_jax.model import packed_attention  # pylint: disable=g-import-not-at-top
+  offsets, lengths, _ = packed_attention.segment_layout(segment_ids, max_segments)
+  return cudnn_attention.dot_product_attention(
+      query, key, value, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+      kv_offsets=offsets, scale=scale, mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
+      qkv_layout="BTNH")
+
+
+def check_attention(args) -> dict[str, Any]:
+  """``cudnn_packed`` against float32 reference attention; and each one's time alone.
+
+  gpt2_medium's attention shapes (``--rows`` x ``--length``, 16 heads of 64),
+  bfloat16 inputs; errors at real (non-padding) query positions, relative to
+  the reference's largest magnitude, for the output and the gradients of
+  ``sum(out * w)`` with respect to q, k and v.
+  """
+  from sld_jax.model import masks  # pylint: disable=g-import-not-at-top
+  from sld_jax.model import packed_attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  shape = (args.rows, args.length, 16, 64)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, w = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
+  segments = jnp.asarray(_packed_segments(rng, args.rows, args.length))
+  real = np.asarray(segments) > 0
+  scale = 1 / 8.0
+  mask = masks.decoder_attention_mask(args.length, segments)
+
+  def loss_of(attend):
+    return lambda q, k, v: jnp.sum(jnp.where(real[:, :, None, None], attend(q, k, v), 0)
+                                   .astype(jnp.float32) * w.astype(jnp.float32))
+
+  implementations = {
+      "reference_f32": lambda q, k, v: jax.nn.dot_product_attention(
+          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask,
+          scale=scale, implementation="xla"),
+      "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                          implementation="xla"),
+      "cudnn_dense_mask": lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, mask=mask, scale=scale, implementation="cudnn"),
+      "cudnn_causal_only": lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, scale=scale, implementation="cudnn"),
+      "cudnn_packed": lambda q, k, v: packed_attention.packed_attention(
+          q, k, v, segments, scale, 32),
+      "cudnn_packed_m16": lambda q, k, v: packed_attention.packed_attention(
+          q, k, v, segments, scale, 16),
+      "cudnn_packed_m64": lambda q, k, v: packed_attention.packed_attention(
+          q, k, v, segments, scale, 64),
+      "cudnn_packed_no_fallback": lambda q, k, v: _packed_without_fallback(
+          q, k, v, segments, scale, 32),
+  }
+  result: dict[str, Any] = {"shape": shape, "segments_per_row": [
+      int(len(set(row[row > 0]))) for row in np.asarray(segments)]}
+  outputs = {}
+  for name, attend in implementations.items():
+    try:
+      forward = jax.jit(attend)
+      both = jax.jit(jax.value_and_grad(loss_of(attend), argnums=(0, 1, 2)))
+      outputs[name] = (forward(q, k, v), both(q, k, v)[1])
+      times = []
+      for _ in range(20):
+        start = time.perf_counter()
+        jax.block_until_ready(both(q, k, v))
+        times.append(time.perf_counter() - start)
+      result[f"{name}_fwd_bwd_ms"] = 1e3 * statistics.median(times)
+    except Exception as error:  # pylint: disable=broad-except  (report, go on)
+      result[f"{name}_error"] = f"{type(error).__name__}: {error}"[:1500]
+  want_out, want_grads = outputs["reference_f32"]
+  for name, (out, grads) in outputs.items():
+    if name in ("reference_f32", "cudnn_causal_only"):
+      continue
+    errors = {"out": float(jnp.max(jnp.abs(jnp.where(real[:, :, None, None],
+                                                      out.astype(jnp.float32) - want_out, 0))))
+              / float(jnp.max(jnp.abs(want_out)))}
+    for label, got, want in zip("qkv", grads, want_grads):
+      errors[f"d{label}"] = (float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+                             / float(jnp.max(jnp.abs(want))))
+    result[f"{name}_relative_error"] = errors
+  return result
+
+
+def _child_command(args, size: str, method: str, variant: str) -> list[str]:
+  command = [sys.executable, os.path.abspath(__file__), "--in_process", "--sizes", size,
+             "--methods", method, "--variants", variant]
+  for name in ("dtype", "rows", "length", "steps", "text_size", "speech_size",
+               "datasheet_tflops", "profile"):
+    value = getattr(args, name)
+    if value is not None:
+      command += [f"--{name}", str(value)]
+  for flag in ("remat", "scan_layers"):
+    if getattr(args, flag):
+      command.append(f"--{flag}")
+  return command
+
+
+def _run_isolated(command: Sequence[str]) -> list[dict[str, Any]]:
+  """Runs one configuration in a fresh process; its ``RESULT`` lines."""
+  completed = subprocess.run(command, capture_output=True, text=True, check=False)
+  results = [json.loads(line[len("RESULT "):]) for line in completed.stdout.splitlines()
+             if line.startswith("RESULT ")]
+  if not results:
+    tail = (completed.stdout + completed.stderr)[-2000:]
+    results = [{"error": f"exit {completed.returncode}: {tail}"}]
+  return results
+
+
+def _write(path: Optional[str], payload: dict[str, Any]) -> None:
+  if path:  # after every configuration, so that a time limit loses none
+    with open(path, "w") as f:
+      json.dump(payload, f, indent=1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", nargs="+", default=["gpt2_small", "gpt2_medium"])
   parser.add_argument("--methods", nargs="+", default=["sld"])
-  parser.add_argument("--variants", nargs="+", default=["reference"], choices=sorted(VARIANTS))
+  parser.add_argument("--variants", nargs="+", default=["packed"], choices=sorted(VARIANTS))
   parser.add_argument("--memory_only", action="store_true",
                       help="compile each step and print XLA's memory/cost analysis, run nothing")
+  parser.add_argument("--check_attention", action="store_true",
+                      help="compare and time the attention implementations, then stop")
+  parser.add_argument("--in_process", action="store_true",
+                      help="run every configuration in this process (peak memory then "
+                           "accumulates over them)")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="trace 3 steps of each configuration into DIR and summarise them")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--scan_layers", action="store_true")
@@ -203,47 +383,70 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
 
-  device = jax.devices()[0]
-  print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
-        f"python {platform.python_version()}", flush=True)
-  if args.memory_only:
-    for size in args.sizes:
-      for method in args.methods:
-        for variant in args.variants:
-          print(json.dumps(analyse_size(size, method, variant, args)), flush=True)
+  if args.check_attention:
+    result = check_attention(args)
+    print(json.dumps(result), flush=True)
+    _write(args.out, result)
     return
-  peak = measured_matmul_tflops(args.matmul_size)
-  print(f"measured bf16 matmul {args.matmul_size}^3: {peak:.0f} TFLOP/s", flush=True)
-  results = []
-  for size in args.sizes:
-    for method, variant in [(m, v) for m in args.methods for v in args.variants]:
+  configurations = [(size, method, variant) for size in args.sizes
+                    for method in args.methods for variant in args.variants]
+  if args.memory_only:
+    for size, method, variant in configurations:
+      print(json.dumps(analyse_size(size, method, variant, args)), flush=True)
+    return
+  if args.in_process:
+    for size, method, variant in configurations:
       try:
         result = time_size(size, method, args, variant)
       except Exception as error:  # pylint: disable=broad-except  (keep the other configurations)
-        print(json.dumps({"size": size, "method": method, "variant": variant,
-                          "error": f"{type(error).__name__}: {error}"[:2000]}), flush=True)
-        continue
-      result["mfu_measured_peak"] = result["model_tflops_per_second"] / peak
-      result["mfu_datasheet"] = result["model_tflops_per_second"] / args.datasheet_tflops
-      results.append(result)
-      print(json.dumps({k: v for k, v in result.items() if k != "step_seconds_all"}),
-            flush=True)
-      if args.out:  # after every configuration, so that a time limit loses none
-        with open(args.out, "w") as f:
-          json.dump({"device": device.device_kind, "jax": jax.__version__,
-                     "measured_matmul_tflops": peak, "results": results}, f, indent=1)
+        result = {"size": size, "method": method, "variant": variant,
+                  "error": f"{type(error).__name__}: {error}"[:2000]}
+      print("RESULT " + json.dumps(result), flush=True)
+    return
 
-  print(f"\n| size | method | variant | dtype | rows x length | step (ms) | tokens/s | "
-        f"model TFLOP/s | MFU (measured {peak:.0f}) | MFU (datasheet "
-        f"{args.datasheet_tflops:.0f}) | peak GiB |")
+  # The parent touches no device: each configuration (and the matmul peak)
+  # runs in a child process of its own.
+  peak_run = subprocess.run(
+      [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+       "import accelerator_step as a, jax; d = jax.devices()[0]; "
+       "print('PEAK', a.measured_matmul_tflops(int(sys.argv[2])), d.device_kind, d.platform, "
+       "jax.__version__)", os.path.dirname(os.path.abspath(__file__)), str(args.matmul_size)],
+      capture_output=True, text=True, check=True)
+  line = next(l for l in peak_run.stdout.splitlines() if l.startswith("PEAK"))
+  _, peak, device_kind, platform_name, jax_version = line.split(" ", 4)
+  peak = float(peak)
+  print(f"device: {device_kind} ({platform_name}), jax {jax_version}, python "
+        f"{platform.python_version()}; measured bf16 matmul {args.matmul_size}^3: "
+        f"{peak:.0f} TFLOP/s", flush=True)
+  results = []
+  for size, method, variant in configurations:
+    for result in _run_isolated(_child_command(args, size, method, variant)):
+      result.setdefault("size", size)
+      result.setdefault("method", method)
+      result.setdefault("variant", variant)
+      if "model_tflops_per_second" in result:
+        result["mfu_measured_peak"] = result["model_tflops_per_second"] / peak
+        result["mfu_datasheet"] = result["model_tflops_per_second"] / args.datasheet_tflops
+      results.append(result)
+      print(json.dumps({k: v for k, v in result.items() if k not in ("step_seconds_all",
+                                                                     "options")}), flush=True)
+      _write(args.out, {"device": device_kind, "jax": jax_version,
+                        "measured_matmul_tflops": peak, "results": results})
+
+  print(f"\n| size | method | variant | rows x length | step (ms) | tokens/s | model TFLOP/s | "
+        f"MFU (measured {peak:.0f}) | MFU (datasheet {args.datasheet_tflops:.0f}) | "
+        f"peak GiB | compiled GiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
-    peak_gib = (r["peak_bytes_in_use"] or 0) / 2**30
-    print(f"| {r['size']} | {r['method']} | {r['variant']} | {r['dtype']}{' remat' if r['remat'] else ''} | "
+    if "error" in r:
+      print(f"| {r['size']} | {r['method']} | {r['variant']} | error: "
+            f"{r['error'][:120]} |||||||")
+      continue
+    print(f"| {r['size']} | {r['method']} | {r['variant']}{' remat' if r['remat'] else ''} | "
           f"{r['rows']}x{r['length']} | {1e3 * r['step_seconds']:.1f} | "
           f"{r['tokens_per_second']:,.0f} | {r['model_tflops_per_second']:.1f} | "
           f"{100 * r['mfu_measured_peak']:.1f}% | {100 * r['mfu_datasheet']:.1f}% | "
-          f"{peak_gib:.1f} |")
+          f"{(r['peak_bytes_in_use'] or 0) / 2**30:.1f} | {r['compiled_bytes'] / 2**30:.1f} |")
 
 
 if __name__ == "__main__":

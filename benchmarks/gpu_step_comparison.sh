@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Issue #13's one-call GPU measurement: sld_jax's training step in each
-# implementation variant beside the released PyTorch step (eager and
-# torch.compile), gpt2_small and gpt2_medium, 16 x 1024 tokens, vocabulary
-# 56,320, bf16. Results go to $OUT (or ./gpu_results) after every
-# configuration, so a time limit loses nothing already measured.
+# Issue #13's one-call GPU measurement: sld_jax's training step beside the
+# released PyTorch step compiled with torch.compile, gpt2_medium and
+# gpt2_small, 16 x 1024 tokens, vocabulary 56,320, bf16, SLD. In order of
+# importance, each stage writing its results to $OUT (or ./gpu_results) as
+# soon as it has them, so that a time limit loses nothing already measured:
+#   1. attention.json      cuDNN packed attention against the float32
+#                          reference (outputs, gradients) and each attention
+#                          implementation's forward+backward time
+#   2. jax_main.json       sld_jax "packed" at gpt2_medium and gpt2_small, each
+#                          in its own process; profile_gpt2_medium_*.json: where
+#                          the time went
+#   3. torch_compile.json  the peer, torch.compile, same shapes
+#   4. jax_more.json       gpt2_medium: Multimodal CE (the SLD-vs-MCE cost) and
+#                          the variants that isolate each lever
+#   5. torch_eager.json    the peer, eager
+# STAGES="1 2 3 4 5" (default) picks stages.
 #
 # On the lent machine (its python3 has jax, flax, optax, orbax, torch and
 # transformers; gin-config travels as a wheel in .whl, see
@@ -13,14 +24,37 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_results}
+stages=" ${STAGES:-1 2 3 4 5} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee "$out/gpu.txt"
-python3 benchmarks/accelerator_step.py --sizes gpt2_medium gpt2_small --rows 16 --length 1024 \
-  --steps 10 --methods sld --variants cudnn_chunked cudnn_chunked_bf16logits cudnn reference \
-  --out "$out/sld_jax.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$out/sld_jax.log"
-python3 benchmarks/accelerator_step.py --sizes gpt2_medium --rows 16 --length 1024 --steps 10 \
-  --methods multimodal_ce --variants cudnn_chunked --matmul_size 4096 \
-  --out "$out/sld_jax_mce.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$out/sld_jax_mce.log"
-python3 benchmarks/pytorch_accelerator_step.py --sizes gpt2_medium gpt2_small --modes compile eager \
-  --rows 16 --length 1024 --steps 10 --out "$out/torch.json" 2>&1 | tee "$out/torch.log"
+log="$out/log.txt"
+quiet() { grep -v "^W0000\|^I0000\|^E0000 .*cuInit"; }
+nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv 2>&1 | tee -a "$log"
+python3 -c "import jax, torch; print('jax', jax.__version__, 'torch', torch.__version__)" 2>&1 | quiet | tee -a "$log"
+shape=(--rows 16 --length 1024 --steps 10)
+if [[ $stages == *" 1 "* ]]; then
+  python3 benchmarks/accelerator_step.py --check_attention --rows 16 --length 1024 \
+    --out "$out/attention.json" 2>&1 | quiet | tee -a "$log"
+fi
+if [[ $stages == *" 2 "* ]]; then
+  python3 benchmarks/accelerator_step.py --sizes gpt2_medium gpt2_small --methods sld \
+    --variants packed "${shape[@]}" --profile /tmp/profiles --out "$out/jax_main.json" \
+    2>&1 | quiet | tee -a "$log"
+  cp /tmp/profiles/profile_gpt2_medium_*.json "$out/" 2>/dev/null
+fi
+if [[ $stages == *" 3 "* ]]; then
+  python3 benchmarks/pytorch_accelerator_step.py --sizes gpt2_medium gpt2_small --modes compile \
+    "${shape[@]}" --out "$out/torch_compile.json" 2>&1 | tee -a "$log"
+fi
+if [[ $stages == *" 4 "* ]]; then
+  python3 benchmarks/accelerator_step.py --sizes gpt2_medium --methods multimodal_ce \
+    --variants packed "${shape[@]}" --matmul_size 4096 --out "$out/jax_mce.json" \
+    2>&1 | quiet | tee -a "$log"
+  python3 benchmarks/accelerator_step.py --sizes gpt2_medium --methods sld \
+    --variants cudnn_fused packed_no_dropout cudnn "${shape[@]}" --matmul_size 4096 \
+    --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
+fi
+if [[ $stages == *" 5 "* ]]; then
+  python3 benchmarks/pytorch_accelerator_step.py --sizes gpt2_medium gpt2_small --modes eager \
+    "${shape[@]}" --out "$out/torch_eager.json" 2>&1 | tee -a "$log"
+fi

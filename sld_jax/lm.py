@@ -45,6 +45,7 @@ from sld_jax.vocab import VocabLayout
 
 Batch = Mapping[str, jax.Array]
 TIME_MASK_SYMBOLS = ("time_mask", "text_end")
+DROPOUT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_kl_positions",
           "num_sequences", "num_target_tokens")
 # Per-token means and the count each one is a mean over ("kl" is resolved
@@ -83,13 +84,20 @@ class SpeechTextLM:
     time_mask_symbol: "time_mask" (``layout.mask_id``, the default) or
       "text_end" (id 1, what sld_jax used before; kept to measure the
       difference, docs/paper-fidelity.md).
+    dropout_rng_impl: the PRNG that draws dropout masks: "threefry2x32"
+      (jax's default, the same masks on every backend) or "rbg" /
+      "unsafe_rbg" (XLA's RngBitGenerator: on GPUs and TPUs several times
+      cheaper per bit, which matters at 3 masks of ``[B, L, E]`` per layer;
+      masks then depend on the backend). The dropout key is drawn from the
+      step's key either way, so runs stay reproducible on one backend.
   """
 
   def __init__(self, layout: VocabLayout,
                decoder: Callable[..., DecoderConfig] = decoder_config,
                loss_config: Optional[losses.LossConfig] = None,
                time_mask_prob: float = 0.0, time_mask_symbol: str = "time_mask",
-               loss_chunk_size: Optional[int] = None):
+               loss_chunk_size: Optional[int] = None,
+               dropout_rng_impl: str = "threefry2x32"):
     """Builds the decoder config with ``decoder(vocab_size=layout.size)``.
 
     Args:
@@ -100,12 +108,17 @@ class SpeechTextLM:
       time_mask_prob: probability in [0, 1).
       time_mask_symbol: "time_mask" or "text_end" (the replacement id).
       loss_chunk_size: positions per chunk of the chunked loss, or None.
+      dropout_rng_impl: "threefry2x32", "rbg" or "unsafe_rbg".
     """
     if not 0.0 <= time_mask_prob < 1.0:
       raise ValueError(f"SpeechTextLM.time_mask_prob must be in [0, 1), got {time_mask_prob}")
     if time_mask_symbol not in TIME_MASK_SYMBOLS:
       raise ValueError(f"SpeechTextLM.time_mask_symbol must be one of {TIME_MASK_SYMBOLS}, "
                        f"got {time_mask_symbol!r}")
+    if dropout_rng_impl not in DROPOUT_RNG_IMPLS:
+      raise ValueError(f"SpeechTextLM.dropout_rng_impl must be one of {DROPOUT_RNG_IMPLS}, "
+                       f"got {dropout_rng_impl!r}")
+    self.dropout_rng_impl = dropout_rng_impl
     self.layout = layout
     self.config = decoder(vocab_size=layout.size)
     if self.config.vocab_size != layout.size:
@@ -159,7 +172,7 @@ class SpeechTextLM:
     inputs = batch["decoder_input_tokens"]
     dropout_rng = None
     if rng is not None:
-      dropout_rng = jax.random.fold_in(rng, 0)
+      dropout_rng = self._dropout_key(jax.random.fold_in(rng, 0))
       inputs = time_mask(inputs, jax.random.fold_in(rng, 1), self.time_mask_prob,
                          self.time_mask_id)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
@@ -177,6 +190,15 @@ class SpeechTextLM:
           chunk_size=self.loss_chunk_size, **self.loss_config.knobs())
     aux = dict(aux, num_target_tokens=jnp.sum(batch["decoder_loss_weights"] > 0))
     return loss, aux
+
+  def _dropout_key(self, key: jax.Array) -> jax.Array:
+    """``key`` itself (threefry), or a key of ``dropout_rng_impl`` drawn from it."""
+    if self.dropout_rng_impl == "threefry2x32":
+      return key
+    shape = jax.eval_shape(
+        lambda: jax.random.key_data(jax.random.key(0, impl=self.dropout_rng_impl))).shape
+    return jax.random.wrap_key_data(jax.random.bits(key, shape, jnp.uint32),
+                                    impl=self.dropout_rng_impl)
 
   def combine(self, means: Mapping[str, jax.Array]) -> jax.Array:
     """The objective from its per-token means (the sum ``compute_loss`` returns)."""

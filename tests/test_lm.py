@@ -87,3 +87,24 @@ def test_sums_and_counts_follow_the_kl_normalisation(kl_target, kl_normalization
   back = model.from_sums(model.to_sums(aux))
   np.testing.assert_allclose(back["loss"], loss, rtol=1e-6)
   np.testing.assert_allclose(back["kl_speech"], aux["kl_speech"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_dropout_rng_impl_draws_reproducible_masks_of_its_own(impl):
+  """One key, one loss; another key, another; evaluation never draws."""
+  def model(rng_impl):
+    return lm.SpeechTextLM(LAYOUT, decoder=lambda vocab_size: DecoderConfig(
+        vocab_size=vocab_size, num_layers=1, num_heads=2, embed_dim=16, mlp_dim=32,
+        max_length=16, dropout_rate=0.5), dropout_rng_impl=rng_impl)
+
+  threefry, other = model("threefry2x32"), model(impl)
+  params = nn.meta.unbox(threefry.init_params(jax.random.key(1)))
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  loss = jax.jit(other.loss_fn)
+  first, again, second = (float(loss(params, batch, jax.random.key(k))[0]) for k in (3, 3, 4))
+  assert first == again and first != second
+  assert first != float(threefry.loss_fn(params, batch, jax.random.key(3))[0])
+  np.testing.assert_allclose(other.loss_fn(params, batch)[0], threefry.loss_fn(params, batch)[0],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="dropout_rng_impl must be one of"):
+    model("philox")

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from sld_jax.model import layers
 from sld_jax.model import masks
+from sld_jax.model import packed_attention
 from sld_jax.model import splash
 from sld_jax.model.config import DecoderConfig
 
@@ -80,8 +81,8 @@ class SelfAttention(nn.Module):
       x: normalised residual stream.
       mask: boolean ``[B|1, 1, L, L]`` (modes "full"/"prefill"); ignored in
         "decode", where the mask comes from ``cache_index``. With
-        ``attention_implementation="splash"``: the int segment ids ``[B, L]``
-        instead (splash makes the causal mask itself).
+        ``attention_implementation`` "splash" or "cudnn_packed": the int
+        segment ids ``[B, L]`` instead (they make the causal mask themselves).
       positions: ``[B, L]`` positions, used for RoPE.
       cache_index: ``[B]`` slot of the new token (mode "decode").
       prefill_lengths: ``[B]`` real prompt lengths (mode "prefill").
@@ -223,6 +224,9 @@ class SelfAttention(nn.Module):
     scale = 1.0 / math.sqrt(cfg.head_dim)
     if cfg.attention_implementation == "splash":
       out = splash.splash_attention(query, key, value, mask, scale)
+    elif cfg.attention_implementation == "cudnn_packed":
+      out = packed_attention.packed_attention(query, key, value, mask, scale,
+                                              cfg.max_segments_per_row)
     else:
       implementation = "cudnn" if cfg.attention_implementation == "cudnn" else "xla"
       out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,

@@ -20,10 +20,14 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # "einsum": attention written out (scores [B, H, L, L] in float32), with
 # attention dropout. "xla" / "cudnn": ``jax.nn.dot_product_attention`` with the
 # packed causal mask; "cudnn" is cuDNN's fused flash attention (GPU only, no
-# [L, L] score tensor in memory). "splash": Pallas splash attention with
+# [L, L] score tensor in memory). "cudnn_packed": cuDNN's packed layout, which
+# computes attention inside each segment only (Hopper GPUs,
+# ``model/packed_attention.py``). "splash": Pallas splash attention with
 # segment ids (TPU; interpret mode elsewhere, ``model/splash.py``). The fused
 # ones take no attention dropout.
-ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "cudnn_packed", "splash")
+# The implementations that take segment ids instead of a dense [B, 1, L, L] mask.
+SEGMENT_ID_ATTENTION = ("cudnn_packed", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class DecoderConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: Optional[float] = None   # None: dropout_rate
   attention_implementation: str = "einsum"
+  max_segments_per_row: int = 32  # "cudnn_packed": rows with more take the dense-mask path
   norm: str = "layernorm"
   position: str = "learned"
   mlp: str = "gelu"
@@ -80,6 +85,9 @@ class DecoderConfig:
           f"has no attention dropout, but the attention dropout rate is "
           f"{self.attention_dropout} (attention_dropout_rate, else dropout_rate); "
           "set attention_dropout_rate=0.0 or use attention_implementation='einsum'")
+    if self.max_segments_per_row < 1:
+      raise ValueError(
+          f"DecoderConfig.max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
     if self.embed_dim % self.num_heads:
       raise ValueError(
           f"DecoderConfig.embed_dim={self.embed_dim} is not divisible by "

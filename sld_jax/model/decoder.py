@@ -62,6 +62,7 @@ from sld_jax.model import attention
 from sld_jax.model import layers
 from sld_jax.model import masks
 from sld_jax.model.config import DecoderConfig
+from sld_jax.model.config import SEGMENT_ID_ATTENTION
 
 Array = jnp.ndarray
 Params = Any
@@ -180,8 +181,8 @@ class Decoder(nn.Module):
       decoder_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
     if decoding:
       mask = None
-    elif cfg.attention_implementation == "splash":
-      # Splash builds the causal mask block-sparsely; it takes the segments.
+    elif cfg.attention_implementation in SEGMENT_ID_ATTENTION:
+      # These build the causal mask themselves (block-sparse); they take the segments.
       mask = (jnp.ones(tokens.shape, jnp.int32) if decoder_segment_ids is None
               else decoder_segment_ids)
     else:

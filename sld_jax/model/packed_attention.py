@@ -1,0 +1,93 @@
+"""cuDNN flash attention over packed rows, segment by segment (Hopper GPUs).
+
+``jax.nn.dot_product_attention(..., implementation="cudnn")`` takes packing
+as a dense ``[B, 1, L, L]`` mask: cuDNN then computes every block of the
+causal triangle and reads the mask for each. cuDNN also has a packed
+("THD") layout in which each row is a list of variable-length sequences,
+given by their start offsets and lengths; attention is causal inside each
+sequence and no block that crosses two of them is computed. With rows of
+~100-token utterances packed into 1,024 positions that is about a tenth of
+the causal triangle's work. jax exposes that layout through its cuDNN
+module (``q_offsets``/``q_seqlen``), not yet through ``jax.nn``.
+
+Segment ids become offsets and lengths like this (``max_segments = 4``)::
+
+  segment_ids  [[1 1 1 2 2 0 0],       trailing padding (id 0) is a
+                [1 1 1 1 1 1 1]]       segment of its own
+  offsets      [[0 3 5 -1 -1],         [B, max_segments + 1], -1 padded
+                [0 -1 -1 -1 -1]]
+  lengths      [[3 2 2 -1],            [B, max_segments], -1 padded
+                [7 -1 -1 -1]]
+
+Every position belongs to a segment, so every output is defined (padding
+attends to padding, which no real position reads). ``max_segments`` is
+static; a batch with a row of more segments takes the dense-mask cuDNN path
+instead (``jax.lax.cond``), so the result never depends on it, only the
+speed. On CPU the cuDNN path does not exist: ``segment_layout`` and
+``layout_mask`` (the mask the offsets describe) are tested there against
+``masks.decoder_attention_mask``; the kernel itself is checked on a GPU by
+``benchmarks/accelerator_step.py --check_attention``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sld_jax.model import masks
+
+Array = jnp.ndarray
+
+
+def segment_layout(segment_ids: Array, max_segments: int) -> tuple[Array, Array, Array]:
+  """``(offsets [B, M+1], lengths [B, M], count [B])`` of each row's runs of equal ids.
+
+  A new segment starts at position 0 and wherever the id changes (see the
+  module docstring). ``count`` is the number of segments of each row; rows
+  with ``count > max_segments`` are not described completely.
+  """
+  batch, length = segment_ids.shape
+  starts = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  count = jnp.sum(starts, axis=1).astype(jnp.int32)
+  offsets = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments + 1, fill_value=-1)[0])(
+      starts).astype(jnp.int32)
+  ends = jnp.where(offsets[:, 1:] >= 0, offsets[:, 1:], length)
+  lengths = jnp.where(offsets[:, :-1] >= 0, ends - offsets[:, :-1], -1)
+  return offsets, lengths, count
+
+
+def layout_mask(offsets: Array, lengths: Array, length: int) -> Array:
+  """``[B, 1, L, L]``: causal attention inside each (offset, length) segment.
+
+  What cuDNN's packed causal attention computes, written out; for tests.
+  """
+  position = jnp.arange(length)
+  inside = ((position[None, None, :] >= offsets[:, :-1, None]) &
+            (position[None, None, :] < offsets[:, :-1, None] + lengths[:, :, None]) &
+            (lengths[:, :, None] > 0))                                 # [B, M, L]
+  segment = jnp.argmax(inside, axis=1) + jnp.where(jnp.any(inside, axis=1), 0, -length)
+  same = segment[:, :, None] == segment[:, None, :]
+  return (same & masks.causal_mask(length)[0])[:, None]
+
+
+def packed_attention(query: Array, key: Array, value: Array, segment_ids: Array, scale: float,
+                     max_segments: int) -> Array:
+  """Causal attention within segments, ``[B, L, H, D]`` in and out (GPU, cuDNN)."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+  offsets, lengths, count = segment_layout(segment_ids, max_segments)
+
+  def packed(query, key, value):
+    return cudnn_attention.dot_product_attention(
+        query, key, value, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+        kv_offsets=offsets, scale=scale, mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH")
+
+  def dense(query, key, value):
+    mask = masks.decoder_attention_mask(query.shape[1], segment_ids)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
+                                        implementation="cudnn")
+
+  return jax.lax.cond(jnp.all(count <= max_segments), packed, dense, query, key, value)

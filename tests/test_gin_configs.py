@@ -38,6 +38,7 @@ REQUIRED = ('MODEL_DIR="/tmp/unused"', "TRAIN_STEPS=1000",
             'WAVLM_UNITS_DIR="/tmp/unused_wavlm"', 'HUBERT_UNITS_DIR="/tmp/unused_hubert"',
             'INIT_FROM="/tmp/unused_gpt2"')
 EVAL_GIN = "gin_configs/runs/eval.gin"   # the eval command's run file
+GPU_FAST_GIN = "gin_configs/runs/gpu_fast.gin"
 # The paper's vocabulary: a text model plus 6000 unit pieces.
 PAPER_LAYOUT = VocabLayout(text_size=1000, speech_size=6000)
 SMALL_LAYOUT = VocabLayout(text_size=40, speech_size=128)
@@ -91,8 +92,12 @@ def test_every_component_is_finalized_by_some_experiment():
   used = set().union(*[_includes(p) for p in EXPERIMENTS])
   unused = [p for p in ALL_FILES if p not in EXPERIMENTS and p not in used]
   # gpt2_small is a model choice offered to users; its own test is below. The
-  # eval command's run file is added to an experiment by sld_jax.eval (below).
-  assert unused == ["gin_configs/models/gpt2_small.gin", EVAL_GIN], unused
+  # eval command's run file is added to an experiment by sld_jax.eval (below);
+  # gpu_fast.gin is added by users on a GPU (below); sld_mask_text_end.gin is
+  # an arm of the objective comparison (python -m sld_jax.comparison).
+  assert unused == ["gin_configs/models/gpt2_small.gin",
+                    "gin_configs/objectives/sld_mask_text_end.gin", EVAL_GIN,
+                    GPU_FAST_GIN], unused
 
 
 def _gpt2_param_count(layers: int, embed: int, vocab: int, positions: int = 1024) -> int:
@@ -293,6 +298,21 @@ def test_experiment_initial_loss_is_near_log_vocab(path):
                     if config.kl_normalization == "sequence" else 1.0)
     assert abs(aux["kl_speech"] - expected * per_sequence) < INITIAL_CE_TOLERANCE * per_sequence, (
         aux, expected, per_sequence)
+
+
+def test_the_gpu_run_file_switches_the_fast_paths_on():
+  """gpu_fast.gin on top of an experiment; on CPU its loss runs with "xla" attention."""
+  gin_utils.parse_gin_config(["gin_configs/experiments/librispeech_hubert_sld.gin", GPU_FAST_GIN],
+                             list(REQUIRED), finalize=False)
+  model = lm.SpeechTextLM(SMALL_LAYOUT)
+  assert (model.config.attention_implementation, model.config.dtype,
+          model.config.logits_via_embedding_dtype) == ("cudnn_packed", "bfloat16", "bfloat16")
+  assert model.config.attention_dropout == 0.0 and model.config.dropout_rate == 0.1
+  assert (model.loss_chunk_size, model.dropout_rng_impl) == (256, "rbg")
+  with gin.unlock_config():
+    gin.bind_parameter("decoder_config.attention_implementation", "xla")
+    gin.bind_parameter("decoder_config.size", "tiny")
+  _build_and_check_model(SMALL_LAYOUT, run=True)
 
 
 def test_gpt2_small_model_file_builds():

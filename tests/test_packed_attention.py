@@ -96,6 +96,6 @@ def test_rows_with_more_segments_than_the_bound_are_counted():
 
 def test_config_names_the_packed_implementation_and_its_bound():
   config = DecoderConfig(vocab_size=64, dropout_rate=0.0, attention_implementation="cudnn_packed")
-  assert config.max_segments_per_row == 32
+  assert config.max_segments_per_row == 16
   with pytest.raises(ValueError, match="max_segments_per_row must be >= 1"):
     DecoderConfig(vocab_size=64, max_segments_per_row=0)

@@ -47,7 +47,12 @@ class DecoderConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: Optional[float] = None   # None: dropout_rate
   attention_implementation: str = "einsum"
-  max_segments_per_row: int = 32  # "cudnn_packed": rows with more take the dense-mask path
+  # "cudnn_packed": segments declared per row. cuDNN's cost grows with it
+  # (empty slots too) and a batch with a row of more segments takes the
+  # dense-mask path. H200, 16 x 1024 rows of 7-10 utterances, gpt2_medium's
+  # heads, one layer's forward+backward: 16 -> 0.96 ms, 32 -> 1.47 ms,
+  # 64 -> 2.19 ms; dense mask 1.35 ms (docs/benchmarks.md).
+  max_segments_per_row: int = 16
   norm: str = "layernorm"
   position: str = "learned"
   mlp: str = "gelu"

@@ -23,10 +23,18 @@ Every position belongs to a segment, so every output is defined (padding
 attends to padding, which no real position reads). ``max_segments`` is
 static; a batch with a row of more segments takes the dense-mask cuDNN path
 instead (``jax.lax.cond``), so the result never depends on it, only the
-speed. On CPU the cuDNN path does not exist: ``segment_layout`` and
+speed: cuDNN launches work for every declared slot, so a bound far above
+the real count costs time (``DecoderConfig.max_segments_per_row`` gives
+the figures), and the ``lax.cond`` itself cost 0.27 ms per layer's
+forward + backward on an H200 (1.47 vs 1.20 ms at 32 slots).
+
+On CPU the cuDNN path does not exist: ``segment_layout`` and
 ``layout_mask`` (the mask the offsets describe) are tested there against
-``masks.decoder_attention_mask``; the kernel itself is checked on a GPU by
-``benchmarks/accelerator_step.py --check_attention``.
+``masks.decoder_attention_mask``. On an H200 (jax 0.11.2),
+``benchmarks/accelerator_step.py --check_attention`` found the outputs and
+the q/k/v gradients at real positions within 0.35-0.65% of the float32
+reference (relative to its largest value), the same largest errors, to
+every digit, as the dense-mask cuDNN path's.
 """
 
 from __future__ import annotations

@@ -339,9 +339,15 @@ def _child_command(args, size: str, method: str, variant: str) -> list[str]:
   return command
 
 
-def _run_isolated(command: Sequence[str]) -> list[dict[str, Any]]:
+def _run_isolated(command: Sequence[str], timeout: float) -> list[dict[str, Any]]:
   """Runs one configuration in a fresh process; its ``RESULT`` lines."""
-  completed = subprocess.run(command, capture_output=True, text=True, check=False)
+  try:
+    completed = subprocess.run(command, capture_output=True, text=True, check=False,
+                               timeout=timeout)
+  except subprocess.TimeoutExpired as error:
+    output = (error.stdout or b"") + (error.stderr or b"")
+    output = output.decode(errors="replace") if isinstance(output, bytes) else output
+    return [{"error": f"no result within {timeout:.0f} s: {output[-1500:]}"}]
   results = [json.loads(line[len("RESULT "):]) for line in completed.stdout.splitlines()
              if line.startswith("RESULT ")]
   if not results:
@@ -380,6 +386,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--speech_size", type=int, default=6000)
   parser.add_argument("--datasheet_tflops", type=float, default=989.0)
   parser.add_argument("--matmul_size", type=int, default=8192)
+  parser.add_argument("--child_timeout", type=float, default=600.0,
+                      help="seconds one configuration's process may take (default %(default)s)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
 
@@ -420,7 +428,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"{peak:.0f} TFLOP/s", flush=True)
   results = []
   for size, method, variant in configurations:
-    for result in _run_isolated(_child_command(args, size, method, variant)):
+    for result in _run_isolated(_child_command(args, size, method, variant),
+                                args.child_timeout):
       result.setdefault("size", size)
       result.setdefault("method", method)
       result.setdefault("variant", variant)

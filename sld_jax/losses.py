@@ -105,7 +105,6 @@ All loss math runs in float32 (or float64 if the logits are float64).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -438,34 +437,20 @@ def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targ
 
   The positions of every row are cut into chunks of ``chunk_size``; each
   chunk is projected (``project(h [B, C, E]) -> float32 [B, C, real_size]``),
-  reduced to its ``token_terms`` and dropped. Rows are never split across
-  chunks of the batch axis, which keeps a data-sharded batch sharded.
-  Example, ``L = 5``, ``chunk_size = 2``: the positions are padded to 6 and
-  computed as ``[0 1] [2 3] [4 5]``, position 5's terms are dropped.
-
-  The gradient is computed in the same pass (``_fused_projection_terms``):
-  every objective is affine in the per-token terms, with coefficients that
-  depend on targets, weights and counts only::
-
-    loss = sum_{b,l} c_nll[b,l] nll[b,l] + c_class[b,l] log_p_class[b,l]
-           + c_sum[b,l] sum_log_p[b,l] + const
-
-  so ``c = d loss / d terms`` is known before any logit is (it is taken
-  from ``_objective`` itself by ``jax.grad``, so the two cannot disagree),
-  and each chunk's logits gradient ``sum_n c_n d terms_n / d logits`` is
-  formed while its logits are alive: three projections per chunk (logits,
-  hidden gradient, table gradient) instead of the four a rematerialised
-  chunk costs, and each chunk's ``[B, C, V]`` logits are read by one fused
-  pass. Peak logits memory is ``B x C x V`` (logits and their gradient).
-  Equal to ``compute_loss(project(hidden), ...)`` in value and gradient up
-  to float rounding (tests/test_fused_paths.py).
+  reduced to its ``token_terms`` and dropped. The chunk function is
+  rematerialised (``jax.checkpoint``), so the backward pass recomputes one
+  chunk's logits at a time too: peak logits memory is ``B x C x V`` instead
+  of ``B x L x V``, at the cost of a second projection in the backward pass.
+  Rows are never split across chunks of the batch axis, which keeps a
+  data-sharded batch sharded. Example, ``L = 5``, ``chunk_size = 2``: the
+  positions are padded to 6 and computed as ``[0 1] [2 3] [4 5]``, position
+  5's terms are dropped. Equal to ``compute_loss(project(hidden), ...)`` up
+  to float rounding (tests/test_chunked_loss.py).
 
   Args:
     hidden: ``[B, L, E]`` final-norm outputs of the decoder.
     project: the output layer restricted to the real vocabulary, e.g.
-      ``decoder.vocab_projection(config, params, layout.real_size)``. A
-      linear function of ``hidden``; the arrays it closes over (the table)
-      get their gradient through ``jax.closure_convert``.
+      ``decoder.vocab_projection(config, params, layout.real_size)``.
     chunk_size: positions per chunk, > 0.
     (the rest as ``compute_loss``).
   """
@@ -480,100 +465,23 @@ def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targ
   batch, length = targets.shape
   chunks = -(-length // chunk_size)
   pad = chunks * chunk_size - length
-  knobs = dict(layout=layout, method=method, alpha=alpha, epsilon=epsilon,
-               temperature=temperature, kl_target=kl_target, kl_normalization=kl_normalization)
-  with_kl = method == "sld"
-
-  def objective_of(float_terms):
-    terms = dict(float_terms, correct=jnp.zeros(targets.shape, bool))
-    return _objective(terms, targets, weights, segment_ids, **knobs)[0]
-
-  names = _FLOAT_TERMS if with_kl else _FLOAT_TERMS[:1]
-  zeros = {name: jnp.zeros(targets.shape, jnp.float32) for name in names}
-  coefficients = jax.lax.stop_gradient(jax.grad(objective_of)(zeros))
 
   def to_chunks(x):                       # [B, L, ...] -> [chunks, B, C, ...]
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape((batch, chunks, chunk_size) + x.shape[2:])
     return jnp.swapaxes(x, 0, 1)
 
-  def from_chunks(x):                     # [chunks, B, C] -> [B, L]
-    return jnp.swapaxes(x, 0, 1).reshape(batch, -1)[:, :length]
+  @jax.checkpoint
+  def chunk_terms(hidden_chunk, target_chunk):
+    return token_terms(project(hidden_chunk), target_chunk, layout, temperature,
+                       with_kl=method == "sld")
 
-  hidden_chunks = to_chunks(hidden)
-  converted, consts = jax.closure_convert(project, hidden_chunks[0])
-  spec = _ChunkSpec(converted, layout, float(temperature), with_kl, names)
-  surrogate, terms = _fused_projection_terms(
-      spec, hidden_chunks, to_chunks(targets),
-      {name: to_chunks(c) for name, c in coefficients.items()}, *consts)
-  terms = {name: from_chunks(value) for name, value in terms.items()}
-  loss, aux = _objective(terms, targets, weights, segment_ids, **knobs)
-  # The value is _objective's; the gradient is the fused one (surrogate's).
-  return jax.lax.stop_gradient(loss) + (surrogate - jax.lax.stop_gradient(surrogate)), aux
-
-
-_FLOAT_TERMS = ("nll", "log_p_class", "sum_log_p")
-
-
-@dataclasses.dataclass(frozen=True)
-class _ChunkSpec:
-  """What one chunk's computation needs besides arrays (static)."""
-
-  project: Callable[..., jax.Array]      # (hidden_chunk, *consts) -> logits
-  layout: VocabLayout
-  temperature: float
-  with_kl: bool
-  names: tuple[str, ...]                 # the float terms that carry coefficients
-
-  def value_and_terms(self, consts, hidden_chunk, target_chunk, coefficient_chunk):
-    """``(sum_n c_n * terms_n, terms)`` of one chunk; terms without gradient."""
-    terms = token_terms(self.project(hidden_chunk, *consts), target_chunk, self.layout,
-                        self.temperature, with_kl=self.with_kl)
-    value = sum(jnp.sum(coefficient_chunk[name] * terms[name]) for name in self.names)
-    return value, jax.lax.stop_gradient(terms)
-
-
-def _chunk_scan(spec: _ChunkSpec, hidden_chunks, target_chunks, coefficient_chunks, consts):
-  """Value, terms and gradients (hidden, consts) of every chunk in one scan."""
-  value_and_grad = jax.value_and_grad(spec.value_and_terms, argnums=(0, 1), has_aux=True)
-
-  def step(carry, chunk):
-    total, const_grads = carry
-    (value, terms), (d_consts, d_hidden) = value_and_grad(consts, *chunk)
-    const_grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), const_grads, d_consts)
-    return (total + value, const_grads), (terms, d_hidden)
-
-  init = (jnp.zeros((), jnp.float32),
-          jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.promote_types(c.dtype, jnp.float32)),
-                       consts))
-  (total, const_grads), (terms, hidden_grads) = jax.lax.scan(
-      step, init, (hidden_chunks, target_chunks, coefficient_chunks))
-  return total, terms, hidden_grads, const_grads
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_projection_terms(spec: _ChunkSpec, hidden_chunks, target_chunks, coefficient_chunks,
-                            *consts):
-  """``(sum_n c_n terms_n, terms [chunks, B, C])``; the gradient flows through the sum only."""
-  total, terms, _, _ = _chunk_scan(spec, hidden_chunks, target_chunks, coefficient_chunks, consts)
-  return total, terms
-
-
-def _fused_forward(spec, hidden_chunks, target_chunks, coefficient_chunks, *consts):
-  total, terms, hidden_grads, const_grads = _chunk_scan(
-      spec, hidden_chunks, target_chunks, coefficient_chunks, consts)
-  return (total, terms), (hidden_grads, const_grads, consts)
-
-
-def _fused_backward(spec, residuals, cotangents):
-  del spec
-  hidden_grads, const_grads, consts = residuals
-  scale = cotangents[0]                  # the terms' cotangents are ignored (no gradient)
-  d_consts = tuple((scale * g).astype(c.dtype) for g, c in zip(const_grads, consts))
-  return ((scale * hidden_grads).astype(hidden_grads.dtype), None, None) + d_consts
-
-
-_fused_projection_terms.defvjp(_fused_forward, _fused_backward)
+  terms = jax.lax.map(lambda args: chunk_terms(*args), (to_chunks(hidden), to_chunks(targets)))
+  terms = {name: jnp.swapaxes(value, 0, 1).reshape(batch, -1)[:, :length]
+           for name, value in terms.items()}
+  return _objective(terms, targets, weights, segment_ids, layout=layout, method=method,
+                    alpha=alpha, epsilon=epsilon, temperature=temperature, kl_target=kl_target,
+                    kl_normalization=kl_normalization)
 
 
 def compute_loss_from_config(logits, batch_targets, weights,

@@ -43,14 +43,15 @@ def _source():
 
 
 @functools.lru_cache(maxsize=None)   # trainers keep their compiled steps: share them
-def _trainer(mesh_shape, dropout=0.1, time_mask_prob=0.3, accumulation=1, dtype="float32"):
+def _trainer(mesh_shape, dropout=0.1, time_mask_prob=0.3, accumulation=1, dtype="float32",
+             loss_chunk_size=None):
   source = _source()
   decoder = functools.partial(decoder_config, size="tiny", num_layers=1, num_heads=4,
                               embed_dim=32, mlp_dim=64, max_length=32, dropout_rate=dropout,
                               dtype=dtype)
   model = lm.SpeechTextLM(source.layout, decoder=decoder,
                           loss_config=losses.LossConfig(method="sld", kl_target="reference"),
-                          time_mask_prob=time_mask_prob)
+                          time_mask_prob=time_mask_prob, loss_chunk_size=loss_chunk_size)
   schedule = optim.learning_rate_schedule(total_steps=10, peak_value=3e-3)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
@@ -93,6 +94,18 @@ def test_mesh_gives_the_one_device_trajectory(mesh_shape, one_device_run):
   assert embedding.sharding.mesh.shape == dict(zip(partitioning.MESH_AXES, mesh_shape))
   # atol: the attention key bias has a zero gradient in exact arithmetic, so
   # Adam turns its ~1e-10 rounding noise into ~1e-6 updates.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-5),
+               jax.device_get(state.params), reference_params)
+
+
+def test_sharded_chunked_loss_gives_the_one_device_trajectory(one_device_run):
+  """The fused chunked loss (its own gradient) under data, fsdp and model sharding."""
+  reference_params, reference = one_device_run
+  trainer, source = _trainer((2, 2, 2), loss_chunk_size=8)
+  state, history = _run(trainer, source)
+  for name in ("loss", "ce_text", "ce_speech", "kl_speech", "grad_norm", "param_norm"):
+    np.testing.assert_allclose([h[name] for h in history], [h[name] for h in reference],
+                               rtol=RTOL, err_msg=name)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-5),
                jax.device_get(state.params), reference_params)
 

@@ -23,7 +23,7 @@ model width and ``S`` the row length. Rematerialisation is not counted
 
   python benchmarks/accelerator_step.py --sizes gpt2_small gpt2_medium \
       --dtype bfloat16 --rows 16 --length 1024 --out results.json \
-      --variants reference cudnn cudnn_chunked cudnn_chunked_bf16logits
+      --variants reference cudnn cudnn_fused packed
 
 ``--variants`` names implementation choices (``VARIANTS``):
 
@@ -31,7 +31,7 @@ model width and ``S`` the row length. Rematerialisation is not counted
                      float32 logits, threefry dropout masks (the defaults)
   cudnn              cuDNN flash attention with the dense packed mask (no
                      attention dropout); the rest as reference
-  cudnn_fused        + the chunked loss with its in-pass gradient, the output
+  cudnn_fused        + the chunked loss (``loss_chunk_size=256``), the output
                      projection in bfloat16, dropout masks from "rbg"
   packed             cudnn_fused with cuDNN's packed layout: attention inside
                      each segment only (``model/packed_attention.py``)
@@ -76,6 +76,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 import train_throughput  # pylint: disable=g-import-not-at-top
+from sld_jax import atomic_files  # pylint: disable=g-import-not-at-top
 from sld_jax.vocab import VocabLayout  # pylint: disable=g-import-not-at-top
 
 
@@ -221,8 +222,8 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
     import profile_summary  # pylint: disable=g-import-not-at-top
     plane = "/device:GPU" if jax.default_backend() == "gpu" else "/host:CPU"
     summary = profile_summary.summarize(trace_dir, plane, top=30, steps=3)
-    with open(os.path.join(args.profile, f"profile_{size}_{method}_{variant}.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    atomic_files.write_json(os.path.join(args.profile, f"profile_{size}_{method}_{variant}.json"),
+                            summary, indent=1, sort_keys=False)
     result["profile_categories_ms"] = summary["categories_ms_per_step"]
   return result
 
@@ -239,18 +240,6 @@ def _packed_segments(rng: np.random.Generator, rows: int, length: int) -> np.nda
       segments[row, start:start + size] = segment
       start, segment = start + size, segment + 1
   return segments
-
-
-def _packed_without_fallback(query, key, value, segment_ids, scale, max_segments):
-  """``packed_attention`` without its ``lax.cond``: what the fallback costs."""
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-  from sld_jax.model import packed_attention  # pylint: disable=g-import-not-at-top
-  offsets, lengths, _ = packed_attention.segment_layout(segment_ids, max_segments)
-  return cudnn_attention.dot_product_attention(
-      query, key, value, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-      kv_offsets=offsets, scale=scale, mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
-      qkv_layout="BTNH")
 
 
 def check_attention(args) -> dict[str, Any]:
@@ -292,8 +281,8 @@ def check_attention(args) -> dict[str, Any]:
           q, k, v, segments, scale, 16),
       "cudnn_packed_m64": lambda q, k, v: packed_attention.packed_attention(
           q, k, v, segments, scale, 64),
-      "cudnn_packed_no_fallback": lambda q, k, v: _packed_without_fallback(
-          q, k, v, segments, scale, 32),
+      "cudnn_packed_no_fallback": lambda q, k, v: packed_attention.cudnn_packed_attention(
+          q, k, v, *packed_attention.segment_layout(segments, 32)[:2], scale),
   }
   result: dict[str, Any] = {"shape": shape, "segments_per_row": [
       int(len(set(row[row > 0]))) for row in np.asarray(segments)]}
@@ -358,8 +347,7 @@ def _run_isolated(command: Sequence[str], timeout: float) -> list[dict[str, Any]
 
 def _write(path: Optional[str], payload: dict[str, Any]) -> None:
   if path:  # after every configuration, so that a time limit loses none
-    with open(path, "w") as f:
-      json.dump(payload, f, indent=1)
+    atomic_files.write_json(path, payload, indent=1, sort_keys=False)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -99,7 +99,7 @@ def test_mesh_gives_the_one_device_trajectory(mesh_shape, one_device_run):
 
 
 def test_sharded_chunked_loss_gives_the_one_device_trajectory(one_device_run):
-  """The fused chunked loss (its own gradient) under data, fsdp and model sharding."""
+  """The chunked loss (loss_chunk_size) under data, fsdp and model sharding."""
   reference_params, reference = one_device_run
   trainer, source = _trainer((2, 2, 2), loss_chunk_size=8)
   state, history = _run(trainer, source)

@@ -79,19 +79,27 @@ def layout_mask(offsets: Array, lengths: Array, length: int) -> Array:
   return (same & masks.causal_mask(length)[0])[:, None]
 
 
+def cudnn_packed_attention(query: Array, key: Array, value: Array, offsets: Array,
+                           lengths: Array, scale: float) -> Array:
+  """cuDNN's packed causal attention for ``segment_layout``'s offsets and lengths.
+
+  No fallback: rows must have at most ``lengths.shape[1]`` segments.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  return cudnn_attention.dot_product_attention(
+      query, key, value, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+      kv_offsets=offsets, scale=scale, mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
+      qkv_layout="BTNH")
+
+
 def packed_attention(query: Array, key: Array, value: Array, segment_ids: Array, scale: float,
                      max_segments: int) -> Array:
   """Causal attention within segments, ``[B, L, H, D]`` in and out (GPU, cuDNN)."""
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-
   offsets, lengths, count = segment_layout(segment_ids, max_segments)
 
   def packed(query, key, value):
-    return cudnn_attention.dot_product_attention(
-        query, key, value, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-        kv_offsets=offsets, scale=scale, mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
-        qkv_layout="BTNH")
+    return cudnn_packed_attention(query, key, value, offsets, lengths, scale)
 
   def dense(query, key, value):
     mask = masks.decoder_attention_mask(query.shape[1], segment_ids)

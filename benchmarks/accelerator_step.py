@@ -31,11 +31,15 @@ model width and ``S`` the row length. Rematerialisation is not counted
                      float32 logits, threefry dropout masks (the defaults)
   cudnn              cuDNN flash attention with the dense packed mask (no
                      attention dropout); the rest as reference
-  cudnn_fused        + the chunked loss (``loss_chunk_size=256``), the output
-                     projection in bfloat16, dropout masks from "rbg"
+  cudnn_fused        + the chunked loss (``loss_chunk_size=256``) with its
+                     gradient made in the forward pass
+                     (``loss_backward="in_forward"``), the output projection
+                     in bfloat16, dropout masks from "rbg"
   packed             cudnn_fused with cuDNN's packed layout: attention inside
                      each segment only (``model/packed_attention.py``)
   packed_no_dropout  packed with residual dropout off as well
+  packed_recompute   packed with the chunked loss's logits recomputed in the
+                     backward pass (``loss_backward="recompute"``)
 
 Each configuration runs in its own process (``--in_process`` runs them in
 this one), so that the device's ``peak_bytes_in_use`` is that configuration's
@@ -108,7 +112,7 @@ def model_flops_per_token(params: Any, num_layers: int, embed_dim: int,
 
 _FUSED = dict(decoder=dict(attention_implementation="cudnn", attention_dropout_rate=0.0,
                           logits_via_embedding_dtype="bfloat16"),
-              loss_chunk_size=256, dropout_rng_impl="rbg")
+              loss_chunk_size=256, loss_backward="in_forward", dropout_rng_impl="rbg")
 _PACKED = dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation="cudnn_packed"))
 # name -> {"decoder": DecoderConfig overrides, SpeechTextLM options...}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -117,6 +121,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cudnn_fused": _FUSED,
     "packed": _PACKED,
     "packed_no_dropout": dict(_PACKED, decoder=dict(_PACKED["decoder"], dropout_rate=0.0)),
+    "packed_recompute": dict(_PACKED, loss_backward="recompute"),
     "xla_fused": dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation="xla")),
 }
 _GPU_ONLY_ATTENTION = ("cudnn", "cudnn_packed")

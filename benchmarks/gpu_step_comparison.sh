@@ -51,7 +51,7 @@ if [[ $stages == *" 4 "* ]]; then
     --variants packed "${shape[@]}" --matmul_size 4096 --out "$out/jax_mce.json" \
     2>&1 | quiet | tee -a "$log"
   python3 benchmarks/accelerator_step.py --sizes gpt2_medium --methods sld \
-    --variants cudnn_fused packed_no_dropout cudnn "${shape[@]}" --matmul_size 4096 \
+    --variants packed_recompute cudnn_fused packed_no_dropout cudnn "${shape[@]}" --matmul_size 4096 \
     --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 5 "* ]]; then

@@ -25,6 +25,11 @@ load drifting between rounds).
 
   python benchmarks/objective_overhead.py                 # ~5 min on 2 cores
   python benchmarks/objective_overhead.py --length 1024 --rounds 8
+
+With ``--loss_chunk_size C`` the steps use the chunked loss, and
+``--loss_backwards recompute,in_forward`` times both ways of getting its
+gradient side by side (configurations ``<objective>/<loss_backward>``; each
+is compared with Multimodal CE of the same loss path).
 """
 
 from __future__ import annotations
@@ -106,12 +111,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--objectives", default="loss_masking,multimodal_ce,sld,sld_reference",
                       help=f"comma-separated subset of {tuple(OBJECTIVES)}")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--loss_chunk_size", type=int, default=None,
+                      help="positions per chunk of the chunked loss (default: full logits)")
+  parser.add_argument("--loss_backwards", default="recompute",
+                      help="comma-separated SpeechTextLM.loss_backward values (chunked loss)")
   args = parser.parse_args(argv)
 
-  names = args.objectives.split(",")
-  unknown = [n for n in names if n not in OBJECTIVES]
+  objectives = args.objectives.split(",")
+  unknown = [n for n in objectives if n not in OBJECTIVES]
   if unknown:
     raise ValueError(f"--objectives: unknown {unknown}; choose from {tuple(OBJECTIVES)}")
+  backwards = args.loss_backwards.split(",") if args.loss_chunk_size else ["recompute"]
+  # configuration name -> (objective, loss_backward)
+  configurations = {(o if len(backwards) == 1 else f"{o}/{b}"): (o, b)
+                    for b in backwards for o in objectives}
+  names = list(configurations)
   layout = VocabLayout(args.text_size, args.speech_size)
   lengths = train_throughput.sequence_lengths(4000, args.seed)
   stream = iter(train_throughput.make_sequences(layout, lengths, args.seed))
@@ -123,9 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   trainers, compiled, analysis = {}, {}, {}
   state = None
   for name in names:
-    method, kl_target = OBJECTIVES[name]
+    objective, backward = configurations[name]
+    method, kl_target = OBJECTIVES[objective]
     trainer = train_throughput.build_sld_jax_trainer(
-        args.size, layout, max(args.length, 64), method=method, kl_target=kl_target)
+        args.size, layout, max(args.length, 64), method=method, kl_target=kl_target,
+        loss_chunk_size=args.loss_chunk_size, loss_backward=backward)
     if state is None:
       state = trainer.init_state()
     start = time.perf_counter()
@@ -162,21 +178,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"load average {load_start:.2f} -> {load_end:.2f}")
   print(f"{args.size}, VocabLayout({args.text_size}, {args.speech_size}) = {layout.size} rows; "
         f"packed rows [{args.rows}, {args.length}], {tokens:.0f} real target tokens per step; "
-        f"{args.rounds} timed rounds")
+        f"{args.rounds} timed rounds; loss: "
+        + (f"chunks of {args.loss_chunk_size}" if args.loss_chunk_size else "full logits"))
   print()
   print("| objective | median step (s) | vs multimodal_ce (median of per-round ratios) | "
         "XLA GFLOP / step (vs MCE) | XLA GB accessed / step (vs MCE) | temp memory (MiB) | "
         "materialised [.., K] buffers: count / MiB | [.., V] buffers: count / MiB | "
         "steps (s) |")
   print("|---|---|---|---|---|---|---|---|---|")
-  base = statistics.median(times["multimodal_ce"]) if "multimodal_ce" in times else None
   for name in names:
     median = statistics.median(times[name])
     info = analysis[name]
+    base = name.replace(configurations[name][0], "multimodal_ce", 1)
     ratio = "-"
-    if base:
-      ratio = f"{statistics.median(t / b for t, b in zip(times[name], times['multimodal_ce'])):.3f}"
-    ref = analysis.get("multimodal_ce", info)
+    if base in times:
+      ratio = f"{statistics.median(t / b for t, b in zip(times[name], times[base])):.3f}"
+    ref = analysis.get(base, info)
     print(f"| {name} | {median:.3f} | {ratio} | "
           f"{info['flops'] / 1e9:,.1f} ({info['flops'] / ref['flops']:.4f}) | "
           f"{info['bytes_accessed'] / 1e9:,.2f} "
@@ -185,6 +202,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{info['units']['count']} / {info['units']['bytes'] / 2**20:,.1f} | "
           f"{info['vocab']['count']} / {info['vocab']['bytes'] / 2**20:,.1f} | "
           f"{[round(t, 2) for t in times[name]]} |")
+  print()
+  for objective in objectives if len(backwards) > 1 else []:
+    first, *others = (f"{objective}/{b}" for b in backwards)
+    for other in others:
+      ratio = statistics.median(t / b for t, b in zip(times[other], times[first]))
+      print(f"{other} / {first}: {ratio:.3f} (median of per-round step-time ratios)")
   print()
   for name in names:
     print(f"{name}: [.., K={layout.speech_size}] buffers {analysis[name]['units']['shapes']}; "

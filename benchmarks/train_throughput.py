@@ -219,6 +219,7 @@ def _sequences(args) -> list[np.ndarray]:
 def build_sld_jax_trainer(size: str, layout: VocabLayout, block_size: int, method: str = "sld",
                           kl_target: str = "reference", time_mask_prob: float = 0.3,
                           total_steps: int = 1000, loss_chunk_size=None,
+                          loss_backward: str = "recompute",
                           dropout_rng_impl: str = "threefry2x32", **config_overrides):
   """A single-device ``Trainer`` with the released recipe (AdamW 3e-4, linear)."""
   import functools  # pylint: disable=g-import-not-at-top
@@ -232,7 +233,7 @@ def build_sld_jax_trainer(size: str, layout: VocabLayout, block_size: int, metho
                                         **config_overrides),
       loss_config=losses.LossConfig(method=method, kl_target=kl_target),
       time_mask_prob=time_mask_prob, loss_chunk_size=loss_chunk_size,
-      dropout_rng_impl=dropout_rng_impl)
+      loss_backward=loss_backward, dropout_rng_impl=dropout_rng_impl)
   schedule = optim.learning_rate_schedule(total_steps=total_steps, kind="linear",
                                           peak_value=3e-4)
   mesh = partitioning.make_mesh(devices=jax.devices()[:1])

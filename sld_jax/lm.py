@@ -25,6 +25,11 @@ step does not depend on how it is split. Example: 3 text tokens in
 microbatch 1 and 1 in microbatch 2::
 
   ce_text(batch) = 3/4 * ce_text(micro 1) + 1/4 * ce_text(micro 2)
+
+A microbatch's objective is computed by the loss itself with the whole
+batch's counts as denominators (``loss_fn(..., denominators=...)``), and its
+gradient is the gradient of that returned loss: never of a loss rebuilt from
+the metrics, which carry no gradient under ``loss_backward="in_forward"``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sld_jax import decoding
+from sld_jax import fused_loss
 from sld_jax import losses
 from sld_jax import model_inputs
 from sld_jax.model import decoder as decoder_lib
@@ -46,6 +52,7 @@ from sld_jax.vocab import VocabLayout
 Batch = Mapping[str, jax.Array]
 TIME_MASK_SYMBOLS = ("time_mask", "text_end")
 DROPOUT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+LOSS_BACKWARDS = ("recompute", "in_forward")
 COUNTS = ("num_text_tokens", "num_speech_tokens", "num_unit_tokens", "num_kl_positions",
           "num_sequences", "num_target_tokens")
 # Per-token means and the count each one is a mean over ("kl" is resolved
@@ -81,6 +88,12 @@ class SpeechTextLM:
       loss projects them C positions at a time
       (``losses.compute_loss_chunked``): the same values, without ``[B, L, V]``
       logits in memory in either pass (what large vocabularies need).
+    loss_backward: how the chunked loss gets its gradient. "recompute"
+      (``losses.compute_loss_chunked``): the backward pass recomputes each
+      chunk's logits. "in_forward" (``fused_loss.compute_loss_fused``): each
+      chunk's gradient is made in the forward pass from the same logits, one
+      ``[B, C, E] x [E, V]`` product fewer per chunk; only the loss carries a
+      gradient (the metrics do not). Needs ``loss_chunk_size``.
     time_mask_symbol: "time_mask" (``layout.mask_id``, the default) or
       "text_end" (id 1, what sld_jax used before; kept to measure the
       difference, docs/paper-fidelity.md).
@@ -97,6 +110,7 @@ class SpeechTextLM:
                loss_config: Optional[losses.LossConfig] = None,
                time_mask_prob: float = 0.0, time_mask_symbol: str = "time_mask",
                loss_chunk_size: Optional[int] = None,
+               loss_backward: str = "recompute",
                dropout_rng_impl: str = "threefry2x32"):
     """Builds the decoder config with ``decoder(vocab_size=layout.size)``.
 
@@ -108,6 +122,7 @@ class SpeechTextLM:
       time_mask_prob: probability in [0, 1).
       time_mask_symbol: "time_mask" or "text_end" (the replacement id).
       loss_chunk_size: positions per chunk of the chunked loss, or None.
+      loss_backward: "recompute" or "in_forward" (chunked loss only).
       dropout_rng_impl: "threefry2x32", "rbg" or "unsafe_rbg".
     """
     if not 0.0 <= time_mask_prob < 1.0:
@@ -132,6 +147,13 @@ class SpeechTextLM:
       raise ValueError(
           f"SpeechTextLM.loss_chunk_size must be None or a positive int, got {loss_chunk_size!r}")
     self.loss_chunk_size = loss_chunk_size
+    if loss_backward not in LOSS_BACKWARDS:
+      raise ValueError(f"SpeechTextLM.loss_backward must be one of {LOSS_BACKWARDS}, "
+                       f"got {loss_backward!r}")
+    if loss_backward == "in_forward" and loss_chunk_size is None:
+      raise ValueError('SpeechTextLM.loss_backward="in_forward" needs loss_chunk_size '
+                       "(the gradient is made one chunk of positions at a time)")
+    self.loss_backward = loss_backward
     self.time_mask_id = layout.mask_id if time_mask_symbol == "time_mask" else layout.eos_id
     self.module = decoder_lib.Decoder(self.config)
 
@@ -157,13 +179,16 @@ class SpeechTextLM:
 
   # -- the objective ---------------------------------------------------------
 
-  def loss_fn(self, params: Any, batch: Batch, rng: Optional[jax.Array] = None
+  def loss_fn(self, params: Any, batch: Batch, rng: Optional[jax.Array] = None,
+              denominators: Optional[Mapping[str, jax.Array]] = None
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss and metrics of one batch; training mode iff ``rng`` is given.
 
     In training mode ``rng`` drives dropout and time masking (independent
     streams folded from it); without it the model runs deterministically on
-    the clean inputs (evaluation).
+    the clean inputs (evaluation). ``denominators``: None, or the counts
+    (``target_counts`` of a larger batch) that the summed terms are divided
+    by instead of this batch's (``losses.loss_coefficients``).
 
     Returns:
       ``(loss, aux)``: ``losses.compute_loss`` for the configured objective;
@@ -177,17 +202,25 @@ class SpeechTextLM:
                          self.time_mask_id)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     segment_ids = batch.get("decoder_segment_ids")
+    knobs = dict(self.loss_config.knobs(), denominators=denominators)
     if self.loss_chunk_size is None:
       logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
-      loss, aux = losses.compute_loss_from_config(
-          logits, targets, weights, segment_ids, self.layout, self.loss_config)
+      loss, aux = losses.compute_loss(logits, targets, weights, segment_ids,
+                                      layout=self.layout, **knobs)
     else:
       hidden = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs,
                            return_hidden=True)
-      project = decoder_lib.vocab_projection(self.config, params, self.layout.real_size)
-      loss, aux = losses.compute_loss_chunked(
-          hidden, project, targets, weights, segment_ids, layout=self.layout,
-          chunk_size=self.loss_chunk_size, **self.loss_config.knobs())
+      real_size = self.layout.real_size
+      if self.loss_backward == "in_forward":
+        table = decoder_lib.vocab_table(self.config, params, real_size)
+        loss, aux = fused_loss.compute_loss_fused(
+            hidden, table, targets, weights, segment_ids, layout=self.layout,
+            chunk_size=self.loss_chunk_size, logits_dtype=self.config.logits_dtype, **knobs)
+      else:
+        project = decoder_lib.vocab_projection(self.config, params, real_size)
+        loss, aux = losses.compute_loss_chunked(
+            hidden, project, targets, weights, segment_ids, layout=self.layout,
+            chunk_size=self.loss_chunk_size, **knobs)
     aux = dict(aux, num_target_tokens=jnp.sum(batch["decoder_loss_weights"] > 0))
     return loss, aux
 
@@ -254,11 +287,8 @@ class SpeechTextLM:
     over the microbatches of a batch, the objectives (and so the gradients)
     equal those of ``loss_fn`` on the whole batch, up to rounding.
     """
-    _, aux = self.loss_fn(params, batch, rng)
-    sums = self.to_sums(aux)
-    shares = {name: sums[name] / jnp.maximum(totals[self._count_of(name)], 1).astype(jnp.float32)
-              for name in MEANS}
-    return self.combine(shares), sums
+    objective, aux = self.loss_fn(params, batch, rng, denominators=totals)
+    return objective, self.to_sums(aux)
 
   # -- the data contract -----------------------------------------------------
 

@@ -106,7 +106,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import gin
 import jax
@@ -125,9 +125,10 @@ KL_NORMALIZATIONS = ("sequence", "token")
 # ----------------------------------------------------------------------------
 
 
-def _check_hyperparameters(method: str, alpha: float, epsilon: float,
-                           temperature: float, kl_target: str,
-                           kl_normalization: str, where: str) -> None:
+def check_hyperparameters(method: str, alpha: float, epsilon: float,
+                          temperature: float, kl_target: str,
+                          kl_normalization: str, where: str) -> None:
+  """A clear ``ValueError`` naming ``where`` for any knob out of range."""
   if method not in METHODS:
     raise ValueError(f"{where}: unknown method {method!r}; choose one of {METHODS}")
   if kl_target not in KL_TARGETS:
@@ -180,9 +181,9 @@ class LossConfig:
   kl_normalization: str = "sequence"
 
   def __post_init__(self):
-    _check_hyperparameters(self.method, self.alpha, self.epsilon,
-                           self.temperature, self.kl_target,
-                           self.kl_normalization, "LossConfig")
+    check_hyperparameters(self.method, self.alpha, self.epsilon,
+                          self.temperature, self.kl_target,
+                          self.kl_normalization, "LossConfig")
 
   def knobs(self) -> dict[str, Any]:
     """The keyword arguments of ``compute_loss`` this config sets."""
@@ -240,7 +241,7 @@ def _two_valued_neg_entropy(num_units: int, p_true: float, p_other: float) -> fl
   return _xlogx(p_true) + (num_units - 1) * _xlogx(p_other)
 
 
-def _two_valued_kl(log_p_true, sum_log_p, num_units, p_true, p_other):
+def two_valued_kl(log_p_true, sum_log_p, num_units, p_true, p_other):
   """KL(t || p) per position from log p(y) and sum_k log p(k); see module doc."""
   neg_entropy = _two_valued_neg_entropy(num_units, p_true, p_other)
   return neg_entropy - (p_true - p_other) * log_p_true - p_other * sum_log_p
@@ -290,7 +291,8 @@ def _masked_mean(values, weights, mask, count):
 def compute_loss(logits, targets, weights, segment_ids=None, *,
                  layout: VocabLayout, method: str = "sld", alpha: float = 0.008,
                  epsilon: float = 0.1, temperature: float = 1.0,
-                 kl_target: str = "paper", kl_normalization: str = "sequence"
+                 kl_target: str = "paper", kl_normalization: str = "sequence",
+                 denominators: Optional[Mapping[str, Any]] = None
                  ) -> tuple[jax.Array, dict[str, Any]]:
   """Loss of one batch for the chosen objective; pure and jit-able.
 
@@ -313,6 +315,10 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
     temperature: T > 0; the KL is multiplied by T^2.
     kl_target: "paper" or "reference".
     kl_normalization: "sequence" or "token" (what the summed KL is divided by).
+    denominators: None (the mean over this batch), or the counts to divide
+      the summed terms by (``loss_coefficients``): a microbatch's share of a
+      larger batch's objective. The means in ``aux`` are this batch's either
+      way.
 
   Returns:
     (loss, aux): scalar float32 loss and a dict of scalars: ``loss``,
@@ -322,17 +328,18 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
     "reference"), ``num_sequences`` (int32 counts), ``accuracy_text``, ``accuracy_speech``
     (argmax over the real vocabulary).
   """
-  _check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
-                         kl_normalization, "compute_loss")
+  check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
+                        kl_normalization, "compute_loss")
   _check_shapes(logits, targets, weights, segment_ids, layout)
 
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   # Static slice to the real vocabulary: rounding ids leave every softmax.
   real_logits = logits[..., :layout.real_size].astype(dtype)
   terms = token_terms(real_logits, targets, layout, temperature, with_kl=method == "sld")
-  return _objective(terms, targets, weights, segment_ids, layout=layout, method=method,
-                    alpha=alpha, epsilon=epsilon, temperature=temperature,
-                    kl_target=kl_target, kl_normalization=kl_normalization)
+  return objective_from_terms(terms, targets, weights, segment_ids, layout=layout,
+                              method=method, alpha=alpha, epsilon=epsilon,
+                              temperature=temperature, kl_target=kl_target,
+                              kl_normalization=kl_normalization, denominators=denominators)
 
 
 def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 1.0,
@@ -375,40 +382,120 @@ def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 
   return terms
 
 
-def _objective(terms, targets, weights, segment_ids, *, layout: VocabLayout, method: str,
-               alpha: float, epsilon: float, temperature: float, kl_target: str,
-               kl_normalization: str):
-  """``compute_loss``'s result from ``token_terms`` (masks, counts, means)."""
-  dtype = terms["nll"].dtype
-  num_units = layout.speech_size
+def loss_coefficients(targets, weights, segment_ids=None, *, layout: VocabLayout,
+                      method: str, alpha: float, epsilon: float, temperature: float,
+                      kl_target: str, kl_normalization: str,
+                      denominators: Optional[Mapping[str, Any]] = None,
+                      dtype: Any = jnp.float32):
+  """The objective as per-position weights of its two per-token terms.
+
+  Every objective is ``sum(ce * nll) + sum(kl * KL)`` over the positions
+  (``nll`` and the per-token ``KL`` as in the module docstring)::
+
+    ce[i] = w[i] * (c_text / D_text  if target i is text
+                    c_speech / D_speech  if target i is speech)
+    kl[i] = w[i] * alpha * T^2 / D_kl  at the KL positions (SLD only)
+
+  with ``c_text = 1`` and ``c_speech = 0`` (loss masking) or 1. Example, the
+  first row of the module docstring (N_text = 3, N_speech = 4, one sequence),
+  SLD, paper target, "sequence" normalisation, T = 1::
+
+    targets   6    8    7    5    3    4    1    0
+    ce        1/4  1/4  1/4  1/4  1/3  1/3  1/3  0
+    kl        a    a    a    0    0    0    0    0      (a = alpha / 1)
+
+  Args:
+    targets, weights, segment_ids: as ``compute_loss``.
+    layout, method, ...: as ``compute_loss``.
+    denominators: the counts ``D`` to divide by, keyed like ``counts``
+      (``num_text_tokens``, ``num_speech_tokens`` and ``num_sequences`` or
+      ``num_kl_positions``); None: this batch's own counts (the mean
+      objective). A microbatch passes the whole batch's counts so that the
+      objectives of its microbatches add up to the batch's.
+    dtype: of the coefficients (the loss math's: float32, or float64).
+
+  Returns:
+    ``(ce, kl, counts)``: ``[B, L]`` of ``dtype`` twice, and this batch's int32
+    counts ``num_text_tokens``, ``num_speech_tokens``, ``num_unit_tokens``,
+    ``num_kl_positions``, ``num_sequences``.
+  """
   weights = weights.astype(dtype)
   has_weight = weights > 0
   text_mask = has_weight & layout.is_text(targets)
   speech_mask = has_weight & layout.is_speech(targets)
-  unit_mask = has_weight & layout.is_unit(targets)
-  num_text = jnp.sum(text_mask)
-  num_speech = jnp.sum(speech_mask)
-  num_units_tokens = jnp.sum(unit_mask)
-  num_sequences = count_sequences(has_weight, segment_ids)
   kl_mask = has_weight & kl_positions(targets, layout, kl_target)
-  num_kl_positions = jnp.sum(kl_mask)
+  counts = {
+      "num_text_tokens": jnp.sum(text_mask),
+      "num_speech_tokens": jnp.sum(speech_mask),
+      "num_unit_tokens": jnp.sum(has_weight & layout.is_unit(targets)),
+      "num_kl_positions": jnp.sum(kl_mask),
+      "num_sequences": count_sequences(has_weight, segment_ids),
+  }
+  denominators = counts if denominators is None else denominators
+
+  def per_unit(name):
+    return 1.0 / jnp.maximum(denominators[name], 1).astype(dtype)
+
+  speech_scale = 0.0 if method == "loss_masking" else per_unit("num_speech_tokens")
+  ce = weights * (jnp.where(text_mask, per_unit("num_text_tokens"), 0.0)
+                  + jnp.where(speech_mask, speech_scale, 0.0))
+  if method == "sld":
+    kl_count = "num_sequences" if kl_normalization == "sequence" else "num_kl_positions"
+    t = float(temperature)
+    kl = weights * jnp.where(kl_mask, alpha * t * t * per_unit(kl_count), 0.0)
+  else:
+    kl = jnp.zeros_like(weights)
+  return ce, kl, counts
+
+
+def kl_target_probs(layout: VocabLayout, epsilon: float, temperature: float,
+                    kl_target: str) -> tuple[float, float]:
+  """The KL target's (value on the true unit, value on each other unit)."""
+  if kl_target == "paper":
+    return paper_target_probs(layout.speech_size, epsilon)
+  return reference_target_probs(layout.speech_size, epsilon, temperature)
+
+
+def token_kl(terms, layout: VocabLayout, epsilon: float, temperature: float,
+             kl_target: str) -> jax.Array:
+  """``[B, L]`` KL(target || p_T) from ``token_terms`` (without the T^2)."""
+  p_true, p_other = kl_target_probs(layout, epsilon, temperature, kl_target)
+  return two_valued_kl(terms["log_p_class"], terms["sum_log_p"], layout.speech_size,
+                        p_true, p_other)
+
+
+def objective_from_terms(terms, targets, weights, segment_ids, *, layout: VocabLayout, method: str,
+               alpha: float, epsilon: float, temperature: float, kl_target: str,
+               kl_normalization: str, denominators=None):
+  """``compute_loss``'s result from ``token_terms`` (masks, counts, means).
+
+  ``loss`` is ``loss_coefficients``' weighted sum of the terms; the means in
+  aux are this batch's whatever ``denominators`` say.
+  """
+  dtype = terms["nll"].dtype
+  knobs = dict(layout=layout, method=method, alpha=alpha, epsilon=epsilon,
+               temperature=temperature, kl_target=kl_target,
+               kl_normalization=kl_normalization)
+  ce, kl_weight, counts = loss_coefficients(targets, weights, segment_ids,
+                                            denominators=denominators, dtype=dtype, **knobs)
+  weights = weights.astype(dtype)
+  has_weight = weights > 0
+  text_mask = has_weight & layout.is_text(targets)
+  speech_mask = has_weight & layout.is_speech(targets)
+  num_text, num_speech = counts["num_text_tokens"], counts["num_speech_tokens"]
 
   ce_text = _masked_mean(terms["nll"], weights, text_mask, num_text)
   ce_speech = _masked_mean(terms["nll"], weights, speech_mask, num_speech)
-
+  loss = jnp.sum(ce * terms["nll"])
   if method == "sld":
     t = float(temperature)
-    if kl_target == "paper":
-      p_true, p_other = paper_target_probs(num_units, epsilon)
-    else:
-      p_true, p_other = reference_target_probs(num_units, epsilon, t)
-    denominator = num_sequences if kl_normalization == "sequence" else num_kl_positions
-    kl = _two_valued_kl(terms["log_p_class"], terms["sum_log_p"], num_units, p_true, p_other)
-    kl_speech = t * t * _masked_mean(kl, weights, kl_mask, denominator)
+    kl = token_kl(terms, layout, epsilon, t, kl_target)
+    kl_mask = has_weight & kl_positions(targets, layout, kl_target)
+    kl_count = "num_sequences" if kl_normalization == "sequence" else "num_kl_positions"
+    kl_speech = t * t * _masked_mean(kl, weights, kl_mask, counts[kl_count])
+    loss = loss + jnp.sum(kl_weight * kl)
   else:
     kl_speech = jnp.zeros((), dtype)
-
-  loss = combine(method, alpha, ce_text, ce_speech, kl_speech)
 
   correct = terms["correct"].astype(dtype)
   aux = {
@@ -416,22 +503,47 @@ def _objective(terms, targets, weights, segment_ids, *, layout: VocabLayout, met
       "ce_text": ce_text,
       "ce_speech": ce_speech,
       "kl_speech": kl_speech,
-      "num_text_tokens": num_text,
-      "num_speech_tokens": num_speech,
-      "num_unit_tokens": num_units_tokens,
-      "num_kl_positions": num_kl_positions,
-      "num_sequences": num_sequences,
+      **counts,
       "accuracy_text": _masked_mean(correct, 1.0, text_mask, num_text),
       "accuracy_speech": _masked_mean(correct, 1.0, speech_mask, num_speech),
   }
   return loss, aux
 
 
+def check_chunk_size(chunk_size, hidden, targets, where: str) -> None:
+  """A clear ``ValueError`` for a bad chunk size or hidden-state shape."""
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+  if hidden.ndim != 3 or tuple(hidden.shape[:2]) != tuple(targets.shape):
+    raise ValueError(
+        f"{where}: hidden must be [B, L, E] matching targets {tuple(targets.shape)}, "
+        f"got {tuple(hidden.shape)}")
+
+
+def to_chunks(x, chunk_size: int):
+  """``[B, L, ...] -> [chunks, B, C, ...]``, zero-padded to whole chunks.
+
+  ``L = 5``, ``C = 2``: positions ``[0 1] [2 3] [4 pad]``. Rows are never
+  split across the batch axis, so a data-sharded batch stays sharded.
+  """
+  batch, length = x.shape[:2]
+  chunks = -(-length // chunk_size)
+  x = jnp.pad(x, [(0, 0), (0, chunks * chunk_size - length)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.swapaxes(x.reshape((batch, chunks, chunk_size) + x.shape[2:]), 0, 1)
+
+
+def from_chunks(x, length: int):
+  """``[chunks, B, C, ...] -> [B, length, ...]`` (``to_chunks``' padding dropped)."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+
+
 def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targets, weights,
                          segment_ids=None, *, layout: VocabLayout, chunk_size: int,
                          method: str = "sld", alpha: float = 0.008, epsilon: float = 0.1,
                          temperature: float = 1.0, kl_target: str = "paper",
-                         kl_normalization: str = "sequence"
+                         kl_normalization: str = "sequence",
+                         denominators: Optional[Mapping[str, Any]] = None
                          ) -> tuple[jax.Array, dict[str, Any]]:
   """``compute_loss`` from the last hidden states, never holding ``[B, L, V]`` logits.
 
@@ -440,12 +552,11 @@ def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targ
   reduced to its ``token_terms`` and dropped. The chunk function is
   rematerialised (``jax.checkpoint``), so the backward pass recomputes one
   chunk's logits at a time too: peak logits memory is ``B x C x V`` instead
-  of ``B x L x V``, at the cost of a second projection in the backward pass.
-  Rows are never split across chunks of the batch axis, which keeps a
-  data-sharded batch sharded. Example, ``L = 5``, ``chunk_size = 2``: the
-  positions are padded to 6 and computed as ``[0 1] [2 3] [4 5]``, position
-  5's terms are dropped. Equal to ``compute_loss(project(hidden), ...)`` up
-  to float rounding (tests/test_chunked_loss.py).
+  of ``B x L x V``, at the cost of a second projection in the backward pass
+  (``fused_loss.compute_loss_fused`` makes the gradient in the forward pass
+  instead). Chunks as ``to_chunks``. Equal to
+  ``compute_loss(project(hidden), ...)`` up to float rounding
+  (tests/test_fused_paths.py).
 
   Args:
     hidden: ``[B, L, E]`` final-norm outputs of the decoder.
@@ -454,34 +565,23 @@ def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targ
     chunk_size: positions per chunk, > 0.
     (the rest as ``compute_loss``).
   """
-  _check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
-                         kl_normalization, "compute_loss_chunked")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"compute_loss_chunked: chunk_size must be a positive int, got {chunk_size!r}")
-  if hidden.ndim != 3 or tuple(hidden.shape[:2]) != tuple(targets.shape):
-    raise ValueError(
-        f"compute_loss_chunked: hidden must be [B, L, E] matching targets {tuple(targets.shape)}, "
-        f"got {tuple(hidden.shape)}")
-  batch, length = targets.shape
-  chunks = -(-length // chunk_size)
-  pad = chunks * chunk_size - length
-
-  def to_chunks(x):                       # [B, L, ...] -> [chunks, B, C, ...]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((batch, chunks, chunk_size) + x.shape[2:])
-    return jnp.swapaxes(x, 0, 1)
+  check_hyperparameters(method, alpha, epsilon, temperature, kl_target,
+                        kl_normalization, "compute_loss_chunked")
+  check_chunk_size(chunk_size, hidden, targets, "compute_loss_chunked")
+  length = targets.shape[1]
 
   @jax.checkpoint
   def chunk_terms(hidden_chunk, target_chunk):
     return token_terms(project(hidden_chunk), target_chunk, layout, temperature,
                        with_kl=method == "sld")
 
-  terms = jax.lax.map(lambda args: chunk_terms(*args), (to_chunks(hidden), to_chunks(targets)))
-  terms = {name: jnp.swapaxes(value, 0, 1).reshape(batch, -1)[:, :length]
-           for name, value in terms.items()}
-  return _objective(terms, targets, weights, segment_ids, layout=layout, method=method,
-                    alpha=alpha, epsilon=epsilon, temperature=temperature, kl_target=kl_target,
-                    kl_normalization=kl_normalization)
+  terms = jax.lax.map(lambda args: chunk_terms(*args),
+                      (to_chunks(hidden, chunk_size), to_chunks(targets, chunk_size)))
+  terms = {name: from_chunks(value, length) for name, value in terms.items()}
+  return objective_from_terms(terms, targets, weights, segment_ids, layout=layout,
+                              method=method, alpha=alpha, epsilon=epsilon,
+                              temperature=temperature, kl_target=kl_target,
+                              kl_normalization=kl_normalization, denominators=denominators)
 
 
 def compute_loss_from_config(logits, batch_targets, weights,

@@ -4,8 +4,13 @@
   positions at a time, never ``[B, L, V]`` logits) == ``compute_loss`` on the
   full logits: values and gradients, every objective, packed rows, T != 1,
   a length that is not a multiple of the chunk.
-- ``SpeechTextLM(loss_chunk_size=C)`` == ``SpeechTextLM()``: loss, metrics
-  and parameter gradients, tied and untied output layers.
+- ``fused_loss.compute_loss_fused`` (the same chunks, the gradient made in
+  the forward pass by a ``custom_vjp``) == ``compute_loss``: values and
+  gradients, with the batch's own counts or a larger batch's
+  (``denominators``), float32 and bfloat16 logits; one projection fewer in
+  the compiled gradient (XLA's cost analysis).
+- ``SpeechTextLM(loss_chunk_size=C, loss_backward=...)`` == ``SpeechTextLM()``:
+  loss, metrics and parameter gradients, tied and untied output layers.
 - The chunked loss's compiled gradient holds less temporary memory than the
   reference's (XLA's own memory analysis of the CPU executable).
 - ``DecoderConfig.attention_implementation="xla"`` (``jax.nn.dot_product_attention``,
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sld_jax import fused_loss
 from sld_jax import losses
 from sld_jax.lm import SpeechTextLM
 from sld_jax.model import decoder
@@ -56,8 +62,20 @@ def _packed_batch(rng, batch, length):
   return targets, (segments > 0).astype(np.float32), segments
 
 
+def _chunked_loss(backward, hidden, table, targets, weights, segments, **knobs):
+  """compute_loss_chunked ("recompute") or compute_loss_fused ("in_forward")."""
+  real_table = table[:LAYOUT.real_size]
+  if backward == "in_forward":
+    return fused_loss.compute_loss_fused(hidden, real_table, targets, weights, segments,
+                                         layout=LAYOUT, chunk_size=8, **knobs)
+  project = lambda h: jnp.einsum("...e,ve->...v", h, real_table)
+  return losses.compute_loss_chunked(hidden, project, targets, weights, segments,
+                                     layout=LAYOUT, chunk_size=8, **knobs)
+
+
+@pytest.mark.parametrize("backward", ["recompute", "in_forward"])
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: "-".join(map(str, o.values())))
-def test_chunked_loss_equals_full_logits_loss(objective):
+def test_chunked_loss_equals_full_logits_loss(objective, backward):
   rng = np.random.default_rng(0)
   batch, length, embed = 3, 29, 16
   targets, weights, segments = _packed_batch(rng, batch, length)
@@ -69,9 +87,7 @@ def test_chunked_loss_equals_full_logits_loss(objective):
     return losses.compute_loss(logits, targets, weights, segments, layout=LAYOUT, **objective)
 
   def chunked(hidden, table):
-    project = lambda h: jnp.einsum("...e,ve->...v", h, table[:LAYOUT.real_size])
-    return losses.compute_loss_chunked(hidden, project, targets, weights, segments,
-                                       layout=LAYOUT, chunk_size=8, **objective)
+    return _chunked_loss(backward, hidden, table, targets, weights, segments, **objective)
 
   (loss_full, aux_full), grads_full = jax.value_and_grad(full, (0, 1), has_aux=True)(hidden, table)
   (loss_chunk, aux_chunk), grads_chunk = jax.jit(
@@ -86,6 +102,110 @@ def test_chunked_loss_equals_full_logits_loss(objective):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backward", ["full", "recompute", "in_forward"])
+def test_loss_with_a_larger_batch_denominators(backward):
+  """A microbatch's share: the summed terms over the whole batch's counts.
+
+  Checked against the metrics' sums (mean x own count) divided by the given
+  counts, and the gradient against the full-logits loss with the same
+  denominators, under a cotangent other than 1.
+  """
+  rng = np.random.default_rng(4)
+  targets, weights, segments = _packed_batch(rng, 2, 24)
+  hidden = jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.float32)
+  table = jnp.asarray(rng.standard_normal((LAYOUT.size, 16)), jnp.float32)
+  knobs = dict(method="sld", alpha=0.5, temperature=1.5)
+  denominators = {"num_text_tokens": jnp.int32(40), "num_speech_tokens": jnp.int32(70),
+                  "num_sequences": jnp.int32(9), "num_kl_positions": jnp.int32(60)}
+
+  def loss(backward, hidden, table):
+    if backward == "full":
+      logits = jnp.einsum("ble,ve->blv", hidden, table)
+      return losses.compute_loss(logits, targets, weights, segments, layout=LAYOUT,
+                                 denominators=denominators, **knobs)
+    return _chunked_loss(backward, hidden, table, targets, weights, segments,
+                         denominators=denominators, **knobs)
+
+  value, aux = jax.jit(functools.partial(loss, backward))(hidden, table)
+  expected = (aux["ce_text"] * aux["num_text_tokens"] / 40
+              + aux["ce_speech"] * aux["num_speech_tokens"] / 70
+              + 0.5 * aux["kl_speech"] * aux["num_sequences"] / 9)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  assert int(aux["num_text_tokens"]) < 40            # the means stay this batch's
+
+  scaled = lambda backward: jax.jit(jax.grad(lambda h, t: 2.5 * loss(backward, h, t)[0],
+                                             (0, 1)))(hidden, table)
+  for got, want in zip(scaled(backward), scaled("full")):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_with_bfloat16_logits_matches_the_rematerialised_chunks():
+  """bf16 products, float32 accumulation, on both paths: the same gradients."""
+  rng = np.random.default_rng(5)
+  targets, weights, segments = _packed_batch(rng, 2, 32)
+  hidden = jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.bfloat16)
+  table = jnp.asarray(0.3 * rng.standard_normal((LAYOUT.real_size, 16)), jnp.float32)
+  knobs = dict(layout=LAYOUT, chunk_size=8, method="sld", alpha=0.5)
+
+  def recompute(hidden, table):
+    project = lambda h: jnp.einsum("...e,ve->...v", h.astype(jnp.bfloat16),
+                                   table.astype(jnp.bfloat16),
+                                   preferred_element_type=jnp.float32)
+    return losses.compute_loss_chunked(hidden, project, targets, weights, segments, **knobs)[0]
+
+  def in_forward(hidden, table):
+    return fused_loss.compute_loss_fused(hidden, table, targets, weights, segments,
+                                         logits_dtype=jnp.bfloat16, **knobs)[0]
+
+  value_and_grads = lambda fn: jax.jit(jax.value_and_grad(fn, (0, 1)))(hidden, table)
+  (want_loss, want_grads), (got_loss, got_grads) = map(value_and_grads, (recompute, in_forward))
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for got, want in zip(got_grads, want_grads):
+    assert got.dtype == want.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def _vocabulary_products(jaxpr, vocabulary: int) -> int:
+  """dot_generals with a ``vocabulary``-sized operand, in ``jaxpr`` and the
+  jaxprs inside it (scan bodies, remat, custom_vjp), each counted once."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and any(
+        vocabulary in getattr(var.aval, "shape", ()) for var in eqn.invars):
+      count += 1
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          count += _vocabulary_products(inner, vocabulary)
+  return count
+
+
+def test_fused_loss_gradient_needs_one_projection_fewer():
+  """Per chunk, three [B, C, E] x [E, V] products in the traced gradient
+  instead of four (the rematerialised chunk projects twice)."""
+  layout = VocabLayout(text_size=4000, speech_size=4000)
+  hidden = jnp.zeros((2, 256, 64), jnp.float32)
+  table = jnp.zeros((layout.real_size, 64), jnp.float32)
+  targets = jnp.full((2, 256), layout.speech_offset, jnp.int32)
+  weights = jnp.ones((2, 256), jnp.float32)
+  knobs = dict(layout=layout, chunk_size=64, method="sld")
+
+  def recompute(hidden, table):
+    project = lambda h: jnp.einsum("...e,ve->...v", h, table)
+    return losses.compute_loss_chunked(hidden, project, targets, weights, **knobs)[0]
+
+  def in_forward(hidden, table):
+    return fused_loss.compute_loss_fused(hidden, table, targets, weights, **knobs)[0]
+
+  def products(fn):
+    return _vocabulary_products(jax.make_jaxpr(jax.grad(fn, (0, 1)))(hidden, table).jaxpr,
+                                layout.real_size)
+
+  assert (products(recompute), products(in_forward)) == (4, 3)
+
+
 def test_chunked_loss_rejects_bad_chunk_and_shapes():
   hidden = jnp.zeros((2, 4, 8))
   targets = np.zeros((2, 4), np.int32)
@@ -97,6 +217,13 @@ def test_chunked_loss_rejects_bad_chunk_and_shapes():
                                 chunk_size=2)
   with pytest.raises(ValueError, match="loss_chunk_size"):
     SpeechTextLM(LAYOUT, decoder=_tiny_decoder, loss_chunk_size=-4)
+  with pytest.raises(ValueError, match="needs loss_chunk_size"):
+    SpeechTextLM(LAYOUT, decoder=_tiny_decoder, loss_backward="in_forward")
+  with pytest.raises(ValueError, match="loss_backward must be one of"):
+    SpeechTextLM(LAYOUT, decoder=_tiny_decoder, loss_chunk_size=4, loss_backward="fused")
+  with pytest.raises(ValueError, match=r"table must be \[real_size, E\]"):
+    fused_loss.compute_loss_fused(hidden, jnp.zeros((LAYOUT.size, 8)), targets, targets,
+                                  layout=LAYOUT, chunk_size=2)
 
 
 def _tiny_decoder(vocab_size, **changes):
@@ -104,8 +231,9 @@ def _tiny_decoder(vocab_size, **changes):
                        mlp_dim=32, max_length=32, dropout_rate=0.0, **changes)
 
 
+@pytest.mark.parametrize("backward", ["recompute", "in_forward"])
 @pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_speech_text_lm_chunked_loss_equals_reference(tie_embeddings):
+def test_speech_text_lm_chunked_loss_equals_reference(tie_embeddings, backward):
   rng = np.random.default_rng(1)
   targets, weights, segments = _packed_batch(rng, 2, 32)
   inputs = np.where(segments > 0, np.pad(targets[:, :-1], ((0, 0), (1, 0))), 0)
@@ -115,7 +243,8 @@ def test_speech_text_lm_chunked_loss_equals_reference(tie_embeddings):
   decoder_factory = functools.partial(_tiny_decoder, tie_embeddings=tie_embeddings)
   config = losses.LossConfig(method="sld", alpha=0.5)
   reference = SpeechTextLM(LAYOUT, decoder=decoder_factory, loss_config=config)
-  chunked = SpeechTextLM(LAYOUT, decoder=decoder_factory, loss_config=config, loss_chunk_size=12)
+  chunked = SpeechTextLM(LAYOUT, decoder=decoder_factory, loss_config=config, loss_chunk_size=12,
+                         loss_backward=backward)
   params = jax.tree.map(lambda box: box.value if hasattr(box, "value") else box,
                         reference.init_params(jax.random.key(3)),
                         is_leaf=lambda x: hasattr(x, "value"))

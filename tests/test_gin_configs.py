@@ -308,7 +308,8 @@ def test_the_gpu_run_file_switches_the_fast_paths_on():
   assert (model.config.attention_implementation, model.config.dtype,
           model.config.logits_via_embedding_dtype) == ("cudnn_packed", "bfloat16", "bfloat16")
   assert model.config.attention_dropout == 0.0 and model.config.dropout_rate == 0.1
-  assert (model.loss_chunk_size, model.dropout_rng_impl) == (256, "rbg")
+  assert (model.loss_chunk_size, model.loss_backward, model.dropout_rng_impl) == (
+      256, "in_forward", "rbg")
   with gin.unlock_config():
     gin.bind_parameter("decoder_config.attention_implementation", "xla")
     gin.bind_parameter("decoder_config.size", "tiny")

@@ -44,14 +44,15 @@ def _source():
 
 @functools.lru_cache(maxsize=None)   # trainers keep their compiled steps: share them
 def _trainer(mesh_shape, dropout=0.1, time_mask_prob=0.3, accumulation=1, dtype="float32",
-             loss_chunk_size=None):
+             loss_chunk_size=None, loss_backward="recompute"):
   source = _source()
   decoder = functools.partial(decoder_config, size="tiny", num_layers=1, num_heads=4,
                               embed_dim=32, mlp_dim=64, max_length=32, dropout_rate=dropout,
                               dtype=dtype)
   model = lm.SpeechTextLM(source.layout, decoder=decoder,
                           loss_config=losses.LossConfig(method="sld", kl_target="reference"),
-                          time_mask_prob=time_mask_prob, loss_chunk_size=loss_chunk_size)
+                          time_mask_prob=time_mask_prob, loss_chunk_size=loss_chunk_size,
+                          loss_backward=loss_backward)
   schedule = optim.learning_rate_schedule(total_steps=10, peak_value=3e-3)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
@@ -98,10 +99,16 @@ def test_mesh_gives_the_one_device_trajectory(mesh_shape, one_device_run):
                jax.device_get(state.params), reference_params)
 
 
-def test_sharded_chunked_loss_gives_the_one_device_trajectory(one_device_run):
-  """The chunked loss (loss_chunk_size) under data, fsdp and model sharding."""
+@pytest.mark.parametrize("loss_backward", ["recompute", "in_forward"])
+def test_sharded_chunked_loss_gives_the_one_device_trajectory(one_device_run, loss_backward):
+  """The chunked loss (loss_chunk_size) under data, fsdp and model sharding.
+
+  "in_forward" attaches its gradient to the returned loss only: the trainer
+  must differentiate that loss (a loss rebuilt from the metrics would train
+  nothing, and the parameters would not follow the reference's).
+  """
   reference_params, reference = one_device_run
-  trainer, source = _trainer((2, 2, 2), loss_chunk_size=8)
+  trainer, source = _trainer((2, 2, 2), loss_chunk_size=8, loss_backward=loss_backward)
   state, history = _run(trainer, source)
   for name in ("loss", "ce_text", "ce_speech", "kl_speech", "grad_norm", "param_norm"):
     np.testing.assert_allclose([h[name] for h in history], [h[name] for h in reference],
@@ -110,10 +117,12 @@ def test_sharded_chunked_loss_gives_the_one_device_trajectory(one_device_run):
                jax.device_get(state.params), reference_params)
 
 
-def test_gradient_accumulation_matches_the_whole_batch():
+@pytest.mark.parametrize("loss", [{}, dict(loss_chunk_size=8, loss_backward="in_forward")],
+                         ids=["logits", "in_forward"])
+def test_gradient_accumulation_matches_the_whole_batch(loss):
   # Without dropout / time masking the microbatch split is the only change.
   whole, source = _trainer((8, 1, 1), dropout=0.0, time_mask_prob=0.0)
-  split, _ = _trainer((8, 1, 1), dropout=0.0, time_mask_prob=0.0, accumulation=2)
+  split, _ = _trainer((8, 1, 1), dropout=0.0, time_mask_prob=0.0, accumulation=2, **loss)
   state_whole, history_whole = _run(whole, source, steps=2)
   state_split, history_split = _run(split, source, steps=2)
   for name in ("loss", "ce_text", "ce_speech", "kl_speech", "accuracy_text", "grad_norm",

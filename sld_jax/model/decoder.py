@@ -251,6 +251,17 @@ class Decoder(nn.Module):
     return run
 
 
+def vocab_table(config: DecoderConfig, params: Params, num_rows: int) -> Array:
+  """``[num_rows, E]``: the output layer's rows for ids ``[0, num_rows)``.
+
+  The tied embedding's rows, or ``logits_dense``'s kernel transposed;
+  logits are ``h @ table.T`` (``vocab_projection``). ``params`` unboxed.
+  """
+  if config.tie_embeddings:
+    return params["token_embedder"]["embedding"][:num_rows]
+  return jnp.swapaxes(params["logits_dense"]["kernel"][:, :num_rows], 0, 1)
+
+
 def vocab_projection(config: DecoderConfig, params: Params, num_rows: int
                      ) -> Callable[[Array], Array]:
   """The output layer for the first ``num_rows`` vocabulary ids, as a function.
@@ -260,10 +271,7 @@ def vocab_projection(config: DecoderConfig, params: Params, num_rows: int
   ``logits_via_embedding_dtype``) restricted to ids ``[0, num_rows)``, e.g.
   ``layout.real_size`` to leave the rounding ids out. ``params`` unboxed.
   """
-  if config.tie_embeddings:
-    table = params["token_embedder"]["embedding"][:num_rows]           # [n, E]
-  else:
-    table = jnp.swapaxes(params["logits_dense"]["kernel"][:, :num_rows], 0, 1)
+  table = vocab_table(config, params, num_rows)
   dtype = config.logits_dtype
 
   def project(hidden: Array) -> Array:

@@ -16,7 +16,8 @@
 - ``DecoderConfig.attention_implementation="xla"`` (``jax.nn.dot_product_attention``,
   the portable twin of the cuDNN path) and ``"splash"`` (the Pallas TPU
   kernel, interpreted on CPU) == the written-out ``"einsum"`` attention on
-  packed rows, forward and backward, float32 and bfloat16.
+  packed rows, forward and backward, float32 and bfloat16; splash also
+  under a (2, 2, 2) mesh, where it runs in ``shard_map``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pytest
 
 from sld_jax import fused_loss
 from sld_jax import losses
+from sld_jax import partitioning
 from sld_jax.lm import SpeechTextLM
 from sld_jax.model import decoder
 from sld_jax.model import splash
@@ -337,6 +339,51 @@ def test_fused_attention_equals_einsum_attention(implementation, dtype, toleranc
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(grads_einsum),
                                jax.tree.leaves(grads_fused)):
     np.testing.assert_allclose(got, want, atol=bound, err_msg=jax.tree_util.keystr(path))
+
+
+def test_splash_attention_under_a_mesh_equals_einsum_attention():
+  """The kernel in shard_map on a (2, 2, 2) mesh: rows over data x fsdp,
+  heads over model; values and gradients equal one device's einsum path."""
+  einsum = DecoderConfig(vocab_size=128, num_layers=1, num_heads=4, embed_dim=32, mlp_dim=64,
+                         max_length=128, dropout_rate=0.0)
+  fused = einsum.replace(attention_implementation="splash")
+  params, tokens, positions, segments = _attention_params_and_inputs(einsum)
+  tokens, positions, segments = (np.concatenate([x, x[::-1]]) for x in
+                                 (tokens, positions, segments))      # 4 rows
+  real = segments > 0
+
+  def summed_logits(config, params, tokens, positions, segments):
+    logits = decoder.Decoder(config).apply({"params": params}, tokens, positions, segments)
+    return jnp.sum(jnp.where(real[..., None], logits, 0.0) ** 2), logits
+
+  def grad(config):
+    return jax.grad(functools.partial(summed_logits, config), has_aux=True)
+
+  grads_einsum, logits_einsum = jax.jit(grad(einsum))(params, tokens, positions, segments)
+  mesh = partitioning.make_mesh(2, 2, 2, devices=jax.devices()[:8])
+  with partitioning.sharding_context(mesh, partitioning.logical_axis_rules()):
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    inputs = [jax.device_put(x, rows) for x in (tokens, positions, segments)]
+    jaxpr = str(jax.make_jaxpr(grad(fused))(params, *inputs))
+    grads_fused, logits_fused = jax.jit(grad(fused))(params, *inputs)
+  assert "shard_map" in jaxpr
+  scale = float(jnp.abs(logits_einsum).max())
+  np.testing.assert_allclose(np.asarray(logits_fused)[real], np.asarray(logits_einsum)[real],
+                             atol=2e-5 * scale)
+  bound = 2e-5 * max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_einsum))
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(grads_einsum),
+                               jax.tree.leaves(grads_fused)):
+    np.testing.assert_allclose(got, want, atol=bound, err_msg=jax.tree_util.keystr(path))
+
+
+def test_splash_attention_refuses_a_sharded_length():
+  mesh = partitioning.make_mesh(4, 1, 2, devices=jax.devices()[:8])
+  rules = partitioning.logical_axis_rules(overrides=[("length", "model")])
+  query = jnp.zeros((4, 128, 2, 8))
+  with partitioning.sharding_context(mesh, rules):
+    with pytest.raises(ValueError, match="length axis is sharded"):
+      jax.eval_shape(lambda q: splash.splash_attention(q, q, q, jnp.ones((4, 128), jnp.int32),
+                                                       0.3), query)
 
 
 def test_fused_attention_refuses_attention_dropout():

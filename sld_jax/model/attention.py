@@ -223,7 +223,7 @@ class SelfAttention(nn.Module):
     cfg = self.config
     scale = 1.0 / math.sqrt(cfg.head_dim)
     if cfg.attention_implementation == "splash":
-      out = splash.splash_attention(query, key, value, mask, scale)
+      out = splash.splash_attention(query, key, value, mask, scale, HEAD_ACTIVATION_AXES)
     elif cfg.attention_implementation == "cudnn_packed":
       out = packed_attention.packed_attention(query, key, value, mask, scale,
                                               cfg.max_segments_per_row)

@@ -10,14 +10,21 @@ segment ids, the causal part as a block-sparse ``CausalMask``::
 Padding (segment 0) attends to padding; those rows carry no loss weight.
 Off TPUs the kernel runs in Pallas interpret mode, slowly: that is what the
 CPU tests use to check the mask logic against ``jax.nn.dot_product_attention``.
-One kernel per device: under a sharded mesh it must be wrapped in
-``shard_map`` (not done here; the CPU tests run one device).
+
+A Pallas kernel is one device's program: XLA cannot split it over a mesh.
+Under a mesh (``jax.set_mesh``, as the trainer traces) it runs in
+``jax.shard_map`` with the activations' own layout from the logical axis
+rules: each device attends over its rows and its heads, e.g. rules
+``batch -> (data, fsdp)``, ``heads -> model`` on a ``(2, 2, 2)`` mesh give
+each device 1/4 of the rows and 1/2 of the heads, and no data moves. The
+length axis must not be sharded (no sequence parallelism here).
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
@@ -46,7 +53,9 @@ def _kernel(length: int, heads: int, interpret: bool):
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                     segment_ids: jax.Array, scale: float) -> jax.Array:
+                     segment_ids: jax.Array, scale: float,
+                     logical_axes: tuple[str, ...] = ("batch", "length", "heads", "kv")
+                     ) -> jax.Array:
   """Causal attention within segments; ``[B, L, H, D]`` in and out.
 
   Args:
@@ -54,7 +63,25 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     segment_ids: int ``[B, L]`` (``decoder_segment_ids``; all ones for an
       unpacked row).
     scale: multiplies the scores (``1 / sqrt(D)``).
+    logical_axes: of ``query``, ``key``, ``value`` and the output; under a
+      mesh they say (through the logical axis rules) how the kernel's
+      ``shard_map`` splits them.
   """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _splash_on_one_device(query, key, value, segment_ids, scale)
+  spec = nn.logical_to_mesh_axes(logical_axes)
+  if spec[1] is not None:
+    raise ValueError(
+        f"attention_implementation='splash': the length axis is sharded ({spec[1]!r} by the "
+        f"logical axis rules); the kernel needs whole rows on each device")
+  rows = jax.sharding.PartitionSpec(spec[0], None)
+  local = functools.partial(_splash_on_one_device, scale=scale)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, rows), out_specs=spec,
+                       check_vma=False)(query, key, value, segment_ids)
+
+
+def _splash_on_one_device(query, key, value, segment_ids, scale):
   batch, length, heads, _ = query.shape
   kernel = _kernel(length, heads, jax.default_backend() != "tpu")
 

@@ -155,11 +155,23 @@ def _trainer(size: str, method: str, variant: str, layout: VocabLayout, args):
       scan_layers=args.scan_layers, **options, **overrides)
 
 
+def _with_host_features(trainer, batches: list[dict[str, np.ndarray]]
+                        ) -> list[dict[str, np.ndarray]]:
+  """The model's host features with one shape for every batch (one executable):
+  ``cudnn_packed``'s segment starts for the most segments of any batch."""
+  if "decoder_segment_ids" not in batches[0]:
+    return batches
+  from sld_jax.model import packed_attention  # pylint: disable=g-import-not-at-top
+  slots = packed_attention.slots_for(max(
+      packed_attention.host_segment_count(b["decoder_segment_ids"]) for b in batches))
+  return [dict(trainer.model.host_features(b, slots=slots)) for b in batches]
+
+
 def analyse_size(size: str, method: str, variant: str, args) -> dict[str, Any]:
   """XLA's memory and cost analysis of the compiled step; nothing is run."""
   layout = VocabLayout(args.text_size, args.speech_size)
-  batch = _batches(layout, args)[0]
   trainer = _trainer(size, method, variant, layout, args)
+  batch = _with_host_features(trainer, _batches(layout, args))[0]
   start = time.perf_counter()
   compiled = trainer.lower_train_step(batch).compile()
   memory = compiled.memory_analysis()
@@ -179,8 +191,8 @@ def analyse_size(size: str, method: str, variant: str, args) -> dict[str, Any]:
 def time_size(size: str, method: str, args, variant: str = "reference") -> dict[str, Any]:
   """Compiles the step once (ahead of time), then times ``args.steps`` steps."""
   layout = VocabLayout(args.text_size, args.speech_size)
-  batches = _batches(layout, args)
   trainer = _trainer(size, method, variant, layout, args)
+  batches = _with_host_features(trainer, _batches(layout, args))
   start = time.perf_counter()
   step_fn = trainer.lower_train_step(batches[0]).compile()
   compile_seconds = time.perf_counter() - start

@@ -41,11 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sld_jax import cross_process
 from sld_jax import decoding
 from sld_jax import fused_loss
 from sld_jax import losses
 from sld_jax import model_inputs
 from sld_jax.model import decoder as decoder_lib
+from sld_jax.model import packed_attention
 from sld_jax.model.config import DecoderConfig, decoder_config
 from sld_jax.vocab import VocabLayout
 
@@ -175,7 +177,8 @@ class SpeechTextLM:
         {"params": params},
         batch["decoder_input_tokens"] if input_tokens is None else input_tokens,
         batch.get("decoder_positions"), batch.get("decoder_segment_ids"),
-        enable_dropout=dropout_rng is not None, return_hidden=return_hidden, rngs=rngs)
+        enable_dropout=dropout_rng is not None, return_hidden=return_hidden,
+        decoder_segment_starts=batch.get("decoder_segment_starts"), rngs=rngs)
 
   # -- the objective ---------------------------------------------------------
 
@@ -289,6 +292,30 @@ class SpeechTextLM:
     """
     objective, aux = self.loss_fn(params, batch, rng, denominators=totals)
     return objective, self.to_sums(aux)
+
+  def host_features(self, host_batch: Mapping[str, Any], slots: Optional[int] = None
+                    ) -> Mapping[str, Any]:
+    """``host_batch`` plus what the configured attention reads from the host.
+
+    ``attention_implementation="cudnn_packed"`` on packed rows:
+    ``decoder_segment_starts [B, slots + 1]``
+    (``packed_attention.host_segment_starts``). ``slots``: None, the rows'
+    most segments rounded up (``packed_attention.slots_for``) and agreed by
+    all processes (the largest of theirs); or a fixed count covering every
+    row, e.g. one executable for many batches. Otherwise, or when the batch
+    has the feature already or holds shapes only, ``host_batch`` itself.
+    """
+    segment_ids = host_batch.get("decoder_segment_ids")
+    if (self.config.attention_implementation != "cudnn_packed" or segment_ids is None
+        or isinstance(segment_ids, jax.ShapeDtypeStruct)
+        or "decoder_segment_starts" in host_batch):
+      return host_batch
+    segment_ids = np.asarray(segment_ids)
+    if slots is None:
+      slots = packed_attention.slots_for(packed_attention.host_segment_count(segment_ids))
+      slots = int(cross_process.all_max(slots))
+    return dict(host_batch,
+                decoder_segment_starts=packed_attention.host_segment_starts(segment_ids, slots))
 
   # -- the data contract -----------------------------------------------------
 

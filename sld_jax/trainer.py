@@ -145,8 +145,9 @@ class Trainer:
   # -- steps -----------------------------------------------------------------
 
   def shard_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays split over ('data', 'fsdp')."""
-    return partitioning.shard_host_batch(host_batch, self.mesh)
+    """This process's rows (with the model's ``host_features``) -> global
+    arrays split over ('data', 'fsdp')."""
+    return partitioning.shard_host_batch(self.model.host_features(host_batch), self.mesh)
 
   def _gradients(self, params: Any, batch: Mapping[str, jax.Array], step_key: jax.Array):
     """Gradients and metric sums of the whole batch, over its microbatches."""
@@ -200,9 +201,11 @@ class Trainer:
     Ahead-of-time compilation as MaxText's ``train_compile`` does it: nothing
     is allocated; ``.compile()`` gives the executable whose
     ``memory_analysis()``, ``cost_analysis()`` and ``as_text()`` describe the
-    step that ``train_step`` runs. ``batch`` may hold arrays or
-    ``jax.ShapeDtypeStruct``s of the global batch.
+    step that ``train_step`` runs. ``batch`` may hold arrays (the model's
+    ``host_features`` are added) or ``jax.ShapeDtypeStruct``s of the global
+    batch.
     """
+    batch = self.model.host_features(batch)
     abstract_batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding), batch)
     with self.context():

@@ -82,7 +82,9 @@ class SelfAttention(nn.Module):
       mask: boolean ``[B|1, 1, L, L]`` (modes "full"/"prefill"); ignored in
         "decode", where the mask comes from ``cache_index``. With
         ``attention_implementation`` "splash" or "cudnn_packed": the int
-        segment ids ``[B, L]`` instead (they make the causal mask themselves).
+        segment ids ``[B, L]`` instead (they make the causal mask themselves);
+        "cudnn_packed" also takes ``(segment ids, segment starts [B, M + 1])``
+        (``packed_attention.host_segment_starts``).
       positions: ``[B, L]`` positions, used for RoPE.
       cache_index: ``[B]`` slot of the new token (mode "decode").
       prefill_lengths: ``[B]`` real prompt lengths (mode "prefill").
@@ -225,8 +227,9 @@ class SelfAttention(nn.Module):
     if cfg.attention_implementation == "splash":
       out = splash.splash_attention(query, key, value, mask, scale, HEAD_ACTIVATION_AXES)
     elif cfg.attention_implementation == "cudnn_packed":
-      out = packed_attention.packed_attention(query, key, value, mask, scale,
-                                              cfg.max_segments_per_row)
+      segment_ids, starts = mask if isinstance(mask, tuple) else (mask, None)
+      out = packed_attention.packed_attention(query, key, value, segment_ids, scale,
+                                              cfg.max_segments_per_row, starts)
     else:
       implementation = "cudnn" if cfg.attention_implementation == "cudnn" else "xla"
       out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,

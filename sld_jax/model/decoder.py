@@ -111,7 +111,8 @@ class Decoder(nn.Module):
                prefill: bool = False,
                prefill_lengths: Optional[Array] = None,
                logits_positions: Optional[Array] = None,
-               return_hidden: bool = False) -> Array:
+               return_hidden: bool = False,
+               decoder_segment_starts: Optional[Array] = None) -> Array:
     """Returns float32 logits ``[B, L, V]`` (``[B, 1, V]`` with ``logits_positions``).
 
     Args:
@@ -138,6 +139,10 @@ class Decoder(nn.Module):
       return_hidden: return the final-norm outputs ``[B, L, E]`` instead of
         the logits, for a loss that projects them itself in chunks
         (``losses.compute_loss_chunked`` with ``vocab_projection``).
+      decoder_segment_starts: int ``[B, M + 1]``, the start of each segment
+        of each row, -1 padded (``packed_attention.host_segment_starts``):
+        read by ``attention_implementation="cudnn_packed"`` only, which then
+        declares exactly M segment slots and needs no fallback.
     """
     cfg = self.config
     tokens = decoder_input_tokens
@@ -185,6 +190,8 @@ class Decoder(nn.Module):
       # These build the causal mask themselves (block-sparse); they take the segments.
       mask = (jnp.ones(tokens.shape, jnp.int32) if decoder_segment_ids is None
               else decoder_segment_ids)
+      if cfg.attention_implementation == "cudnn_packed" and decoder_segment_starts is not None:
+        mask = (mask, decoder_segment_starts)
     else:
       mask = masks.decoder_attention_mask(length, decoder_segment_ids)
 
@@ -293,9 +300,13 @@ def init_params(config_or_model: Union[DecoderConfig, Decoder], rng: Array) -> P
   """Fresh parameters, still boxed in ``nn.LogicallyPartitioned``.
 
   Boxed so that ``partitioning.abstract_state`` can read the logical axes;
-  ``nn.meta.unbox`` gives plain arrays.
+  ``nn.meta.unbox`` gives plain arrays. The parameters do not depend on
+  ``attention_implementation``, so the init pass runs the portable "einsum"
+  attention: a model configured for a GPU or TPU kernel (cuDNN, splash) is
+  initialised, and its state shapes derived, on any backend.
   """
-  return _jitted_init_params(_as_model(config_or_model), rng)
+  config = _as_model(config_or_model).config
+  return _jitted_init_params(Decoder(config.replace(attention_implementation="einsum")), rng)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -20,13 +20,23 @@ Segment ids become offsets and lengths like this (``max_segments = 4``)::
                 [7 -1 -1 -1]]
 
 Every position belongs to a segment, so every output is defined (padding
-attends to padding, which no real position reads). ``max_segments`` is
-static; a batch with a row of more segments takes the dense-mask cuDNN path
-instead (``jax.lax.cond``), so the result never depends on it, only the
-speed: cuDNN launches work for every declared slot, so a bound far above
-the real count costs time (``DecoderConfig.max_segments_per_row`` gives
-the figures), and the ``lax.cond`` itself cost 0.27 ms per layer's
-forward + backward on an H200 (1.47 vs 1.20 ms at 32 slots).
+attends to padding, which no real position reads). The number of slots is
+static. Two ways to choose it:
+
+- In training, the host computes the offsets of each batch
+  (``host_segment_starts``, slots rounded up to a power of two, at least
+  ``MIN_SLOTS``; ``SpeechTextLM.host_features`` adds them to the batch as
+  ``decoder_segment_starts [B, slots + 1]``). The slot count is then exact
+  for the batch up to the rounding, and nothing is decided on the device;
+  each new slot count compiles the step once more.
+- Without that feature (evaluation, hand-made batches), the device computes
+  them for ``max_segments`` slots, and a batch with a row of more segments
+  takes the dense-mask cuDNN path instead (``jax.lax.cond``), so the result
+  never depends on the bound, only the speed: cuDNN launches work for every
+  declared slot, so a bound far above the real count costs time
+  (``DecoderConfig.max_segments_per_row`` gives the figures), and the
+  ``lax.cond`` itself cost 0.27 ms per layer's forward + backward on an H200
+  (1.47 vs 1.20 ms at 32 slots).
 
 On CPU the cuDNN path does not exist: ``segment_layout`` and
 ``layout_mask`` (the mask the offsets describe) are tested there against
@@ -41,10 +51,56 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sld_jax.model import masks
 
 Array = jnp.ndarray
+MIN_SLOTS = 8
+
+
+def slots_for(count: int) -> int:
+  """The declared slots for rows of at most ``count`` segments: the next
+  power of two, at least ``MIN_SLOTS`` (3 -> 8, 9 -> 16, 17 -> 32)."""
+  return max(MIN_SLOTS, 1 << max(int(count) - 1, 0).bit_length())
+
+
+def _host_starts(segment_ids: np.ndarray) -> np.ndarray:
+  """bool ``[B, L]``: where a run of equal ids begins (position 0 always)."""
+  starts = np.ones(segment_ids.shape, bool)
+  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return starts
+
+
+def host_segment_count(segment_ids: np.ndarray) -> int:
+  """The most segments (padding included) of any row; ``[[1 1 2 0]] -> 3``."""
+  return int(_host_starts(np.asarray(segment_ids)).sum(axis=1).max(initial=1))
+
+
+def host_segment_starts(segment_ids: np.ndarray, slots: int | None = None) -> np.ndarray:
+  """``segment_layout``'s offsets computed on the host: int32 ``[B, slots + 1]``.
+
+  ``slots`` default ``slots_for(host_segment_count(...))``; given, it must
+  cover every row (processes of one job pass the largest of theirs).
+  """
+  segment_ids = np.asarray(segment_ids)
+  starts = _host_starts(segment_ids)
+  count = host_segment_count(segment_ids)
+  slots = slots_for(count) if slots is None else slots
+  if count > slots:
+    raise ValueError(f"host_segment_starts: a row has {count} segments, more than the "
+                     f"{slots} slots asked for")
+  offsets = np.full((segment_ids.shape[0], slots + 1), -1, np.int32)
+  for row, row_starts in enumerate(starts):
+    found = np.flatnonzero(row_starts)
+    offsets[row, :len(found)] = found
+  return offsets
+
+
+def lengths_from_starts(offsets: Array, length: int) -> Array:
+  """``[B, M]`` segment lengths from offsets ``[B, M + 1]`` (-1 padded)."""
+  ends = jnp.where(offsets[:, 1:] >= 0, offsets[:, 1:], length)
+  return jnp.where(offsets[:, :-1] >= 0, ends - offsets[:, :-1], -1)
 
 
 def segment_layout(segment_ids: Array, max_segments: int) -> tuple[Array, Array, Array]:
@@ -60,9 +116,7 @@ def segment_layout(segment_ids: Array, max_segments: int) -> tuple[Array, Array,
   count = jnp.sum(starts, axis=1).astype(jnp.int32)
   offsets = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments + 1, fill_value=-1)[0])(
       starts).astype(jnp.int32)
-  ends = jnp.where(offsets[:, 1:] >= 0, offsets[:, 1:], length)
-  lengths = jnp.where(offsets[:, :-1] >= 0, ends - offsets[:, :-1], -1)
-  return offsets, lengths, count
+  return offsets, lengths_from_starts(offsets, length), count
 
 
 def layout_mask(offsets: Array, lengths: Array, length: int) -> Array:
@@ -94,8 +148,17 @@ def cudnn_packed_attention(query: Array, key: Array, value: Array, offsets: Arra
 
 
 def packed_attention(query: Array, key: Array, value: Array, segment_ids: Array, scale: float,
-                     max_segments: int) -> Array:
-  """Causal attention within segments, ``[B, L, H, D]`` in and out (GPU, cuDNN)."""
+                     max_segments: int, segment_starts: Array | None = None) -> Array:
+  """Causal attention within segments, ``[B, L, H, D]`` in and out (GPU, cuDNN).
+
+  ``segment_starts``: the host's offsets (``host_segment_starts``), which
+  cover every row: no fallback. None: computed here for ``max_segments``
+  slots, with the dense-mask fallback.
+  """
+  if segment_starts is not None:
+    offsets = segment_starts.astype(jnp.int32)
+    return cudnn_packed_attention(query, key, value, offsets,
+                                  lengths_from_starts(offsets, query.shape[1]), scale)
   offsets, lengths, count = segment_layout(segment_ids, max_segments)
 
   def packed(query, key, value):

@@ -152,6 +152,7 @@ def _trainer(size: str, method: str, variant: str, layout: VocabLayout, args):
   overrides, options = variant_options(variant)
   return train_throughput.build_sld_jax_trainer(
       size, layout, args.length, method=method, dtype=args.dtype, remat=args.remat,
+      remat_policy=args.remat_policy,
       scan_layers=args.scan_layers, **options, **overrides)
 
 
@@ -220,7 +221,7 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
   tokens = args.rows * args.length
   result = {
       "size": size, "method": method, "variant": variant, "dtype": args.dtype,
-      "remat": args.remat, "rows": args.rows, "length": args.length, "vocab": layout.size,
+      "remat": args.remat and args.remat_policy, "rows": args.rows, "length": args.length, "vocab": layout.size,
       "options": VARIANTS[variant], "matmul_params": matmul_params,
       "compile_seconds": compile_seconds,
       "step_seconds": step, "step_seconds_all": times,
@@ -335,7 +336,7 @@ def _child_command(args, size: str, method: str, variant: str) -> list[str]:
   command = [sys.executable, os.path.abspath(__file__), "--in_process", "--sizes", size,
              "--methods", method, "--variants", variant]
   for name in ("dtype", "rows", "length", "steps", "text_size", "speech_size",
-               "datasheet_tflops", "profile"):
+               "datasheet_tflops", "profile", "remat_policy"):
     value = getattr(args, name)
     if value is not None:
       command += [f"--{name}", str(value)]
@@ -383,6 +384,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="trace 3 steps of each configuration into DIR and summarise them")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--remat_policy", default="full",
+                      help="DecoderConfig.remat_policy (with --remat)")
   parser.add_argument("--scan_layers", action="store_true")
   parser.add_argument("--rows", type=int, default=16)
   parser.add_argument("--length", type=int, default=1024)
@@ -456,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       print(f"| {r['size']} | {r['method']} | {r['variant']} | error: "
             f"{r['error'][:120]} |||||||")
       continue
-    print(f"| {r['size']} | {r['method']} | {r['variant']}{' remat' if r['remat'] else ''} | "
+    print(f"| {r['size']} | {r['method']} | {r['variant']}{' remat ' + r['remat'] if r['remat'] else ''} | "
           f"{r['rows']}x{r['length']} | {1e3 * r['step_seconds']:.1f} | "
           f"{r['tokens_per_second']:,.0f} | {r['model_tflops_per_second']:.1f} | "
           f"{100 * r['mfu_measured_peak']:.1f}% | {100 * r['mfu_datasheet']:.1f}% | "

@@ -13,6 +13,7 @@ import pytest
 from sld_jax.model import decoder
 from sld_jax.model import masks
 from sld_jax.model.config import DecoderConfig
+from sld_jax.model.config import REMAT_POLICIES
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -252,6 +253,44 @@ def test_remat_and_scan_equal_plain_stack():
   grads_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
                grads_remat, grads_plain)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_remat_policies_keep_the_gradients(scan_layers):
+  params = _params(TINY)
+  if scan_layers:
+    params = decoder.stack_layer_params(params, TINY.num_layers)
+
+  def grads(config):
+    loss = lambda p: jnp.mean(decoder.Decoder(config).apply({"params": p}, TOKENS) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  plain = grads(TINY.replace(scan_layers=scan_layers))
+  for policy in REMAT_POLICIES:
+    got = grads(TINY.replace(scan_layers=scan_layers, remat=True, remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), got, plain)
+  with pytest.raises(ValueError, match="remat_policy must be one of"):
+    TINY.replace(remat_policy="dots")
+
+
+def test_remat_policies_recompute_less_as_they_save_more():
+  """XLA's flop count of the gradient: full remat recomputes the whole
+  layer, "minimal" keeps the matmul outputs, and keeping the attention
+  output as well recomputes least."""
+  config = DecoderConfig(vocab_size=256, num_layers=4, num_heads=4, embed_dim=64, mlp_dim=256,
+                         max_length=256, dropout_rate=0.0)
+  params = jax.eval_shape(lambda: nn.meta.unbox(decoder.init_params(config, jax.random.key(0))))
+  tokens = jnp.ones((4, 256), jnp.int32)
+
+  def flops(config):
+    loss = lambda p: jnp.mean(decoder.Decoder(config).apply({"params": p}, tokens) ** 2)
+    return jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()["flops"]
+
+  cost = {policy: flops(config.replace(remat=True, remat_policy=policy))
+          for policy in REMAT_POLICIES}
+  none = flops(config)
+  assert none < cost["minimal_attention_out"] < cost["minimal"] < cost["full"], (none, cost)
+  assert cost["minimal_attention_out"] < cost["save_attention_out"] < cost["full"], cost
 
 
 def test_scanned_init_has_leading_layers_axis():

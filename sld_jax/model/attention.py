@@ -38,6 +38,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from sld_jax.model import layers
 from sld_jax.model import masks
@@ -49,6 +50,8 @@ Array = jnp.ndarray
 
 MODES = ("full", "prefill", "decode")
 HEAD_ACTIVATION_AXES = ("batch", "length", "heads", "kv")
+# The attention output [B, L, H, D], named for remat policies (decoder.remat_policy).
+ATTENTION_OUT = "attention_out"
 CACHE_AXES = ("cache_batch", "cache_length", "cache_heads", "cache_kv")
 # Masked scores; finite so that a fully masked (padding) query stays finite.
 _MASKED_SCORE = -1e10
@@ -130,6 +133,7 @@ class SelfAttention(nn.Module):
       out = self._attend(query, key, value, mask)
     if overflow is not None:
       out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+    out = checkpoint_name(out, ATTENTION_OUT)
     out = projection("out", (heads, head_dim), (cfg.embed_dim,), ("heads", "kv", "embed"),
                      layers.residual_init_stddev(cfg))(out)
     out = nn.Dropout(rate=cfg.dropout_rate)(out, deterministic=self.deterministic)

@@ -28,6 +28,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "cudnn_packed", "splash")
 # The implementations that take segment ids instead of a dense [B, 1, L, L] mask.
 SEGMENT_ID_ATTENTION = ("cudnn_packed", "splash")
+# What a rematerialised layer (remat=True) keeps from its forward pass; the
+# rest is recomputed in the backward pass. MaxText's names: "full" keeps
+# nothing, "minimal" the outputs of the weight matmuls
+# (jax.checkpoint_policies.dots_with_no_batch_dims_saveable), "save_attention_out"
+# only the attention output (the layer's most expensive op to recompute with
+# a fused kernel), "minimal_attention_out" both (MaxText's "minimal_flash").
+REMAT_POLICIES = ("full", "minimal", "save_attention_out", "minimal_attention_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,7 @@ class DecoderConfig:
   dtype: str = "float32"          # compute dtype: "float32" or "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False             # rematerialise each layer in the backward pass
+  remat_policy: str = "full"      # what remat keeps (REMAT_POLICIES)
   scan_layers: bool = False       # nn.scan over layers (one compiled layer)
   logits_via_embedding_dtype: Optional[str] = None
 
@@ -90,6 +98,9 @@ class DecoderConfig:
           f"has no attention dropout, but the attention dropout rate is "
           f"{self.attention_dropout} (attention_dropout_rate, else dropout_rate); "
           "set attention_dropout_rate=0.0 or use attention_implementation='einsum'")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"DecoderConfig.remat_policy must be one of {REMAT_POLICIES}, "
+                       f"got {self.remat_policy!r}")
     if self.max_segments_per_row < 1:
       raise ValueError(
           f"DecoderConfig.max_segments_per_row must be >= 1, got {self.max_segments_per_row}")

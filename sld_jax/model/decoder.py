@@ -236,7 +236,8 @@ class Decoder(nn.Module):
     cfg = self.config
     layer_cls = DecoderLayer
     if cfg.remat:
-      layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
+      layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers,
+                           policy=remat_policy(cfg.remat_policy))
     if cfg.scan_layers:
       stack = nn.scan(
           layer_cls,
@@ -256,6 +257,17 @@ class Decoder(nn.Module):
         x, _ = layer(x, *args)
       return x
     return run
+
+
+def remat_policy(name: str):
+  """``DecoderConfig.remat_policy`` -> a ``jax.checkpoint_policies`` policy."""
+  policies = jax.checkpoint_policies
+  attention_out = policies.save_only_these_names(attention.ATTENTION_OUT)
+  return {"full": policies.nothing_saveable,
+          "minimal": policies.dots_with_no_batch_dims_saveable,
+          "save_attention_out": attention_out,
+          "minimal_attention_out": policies.save_from_both_policies(
+              policies.dots_with_no_batch_dims_saveable, attention_out)}[name]
 
 
 def vocab_table(config: DecoderConfig, params: Params, num_rows: int) -> Array:

@@ -243,25 +243,15 @@ class SpeechTextLM:
 
   def _count_of(self, mean_name: str) -> str:
     count = MEANS[mean_name]
-    if count == "kl":
-      if self.loss_config.kl_normalization == "sequence":
-        return "num_sequences"
-      return "num_kl_positions"
-    return count
+    return losses.kl_count_name(self.loss_config.kl_normalization) if count == "kl" else count
 
   def target_counts(self, batch: Batch) -> dict[str, jax.Array]:
     """The token / sequence counts ``loss_fn`` would report, without the model."""
-    targets = batch["decoder_target_tokens"]
-    weighted = batch["decoder_loss_weights"] > 0
-    kl_positions = losses.kl_positions(targets, self.layout, self.loss_config.kl_target)
-    return {
-        "num_text_tokens": jnp.sum(weighted & self.layout.is_text(targets)),
-        "num_speech_tokens": jnp.sum(weighted & self.layout.is_speech(targets)),
-        "num_unit_tokens": jnp.sum(weighted & self.layout.is_unit(targets)),
-        "num_kl_positions": jnp.sum(weighted & kl_positions),
-        "num_sequences": losses.count_sequences(weighted, batch.get("decoder_segment_ids")),
-        "num_target_tokens": jnp.sum(weighted),
-    }
+    weights = batch["decoder_loss_weights"]
+    counts = losses.token_counts(batch["decoder_target_tokens"], weights,
+                                 batch.get("decoder_segment_ids"), layout=self.layout,
+                                 kl_target=self.loss_config.kl_target)
+    return dict(counts, num_target_tokens=jnp.sum(weights > 0))
 
   def to_sums(self, aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Per-token means -> sums (``mean * count``); counts kept as they are.

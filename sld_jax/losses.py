@@ -268,6 +268,11 @@ def combine(method: str, alpha: float, ce_text, ce_speech, kl_speech):
   return ce_text + ce_speech + alpha * kl_speech
 
 
+def kl_count_name(kl_normalization: str) -> str:
+  """The count the summed KL is divided by: "num_sequences" or "num_kl_positions"."""
+  return "num_sequences" if kl_normalization == "sequence" else "num_kl_positions"
+
+
 def kl_positions(targets, layout: VocabLayout, kl_target: str):
   """[B, L] bool: the targets the KL is applied at (before weights).
 
@@ -382,6 +387,20 @@ def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 
   return terms
 
 
+def token_counts(targets, weights, segment_ids=None, *, layout: VocabLayout,
+                 kl_target: str) -> dict[str, jax.Array]:
+  """int32 counts of the targets with weight > 0 (the module docstring's
+  N_text, N_speech, N_unit, N_kl) and of the sequences they belong to."""
+  has_weight = weights > 0
+  return {
+      "num_text_tokens": jnp.sum(has_weight & layout.is_text(targets)),
+      "num_speech_tokens": jnp.sum(has_weight & layout.is_speech(targets)),
+      "num_unit_tokens": jnp.sum(has_weight & layout.is_unit(targets)),
+      "num_kl_positions": jnp.sum(has_weight & kl_positions(targets, layout, kl_target)),
+      "num_sequences": count_sequences(has_weight, segment_ids),
+  }
+
+
 def loss_coefficients(targets, weights, segment_ids=None, *, layout: VocabLayout,
                       method: str, alpha: float, epsilon: float, temperature: float,
                       kl_target: str, kl_normalization: str,
@@ -415,22 +434,15 @@ def loss_coefficients(targets, weights, segment_ids=None, *, layout: VocabLayout
     dtype: of the coefficients (the loss math's: float32, or float64).
 
   Returns:
-    ``(ce, kl, counts)``: ``[B, L]`` of ``dtype`` twice, and this batch's int32
-    counts ``num_text_tokens``, ``num_speech_tokens``, ``num_unit_tokens``,
-    ``num_kl_positions``, ``num_sequences``.
+    ``(ce, kl, counts)``: ``[B, L]`` of ``dtype`` twice, and this batch's
+    ``token_counts``.
   """
   weights = weights.astype(dtype)
   has_weight = weights > 0
   text_mask = has_weight & layout.is_text(targets)
   speech_mask = has_weight & layout.is_speech(targets)
   kl_mask = has_weight & kl_positions(targets, layout, kl_target)
-  counts = {
-      "num_text_tokens": jnp.sum(text_mask),
-      "num_speech_tokens": jnp.sum(speech_mask),
-      "num_unit_tokens": jnp.sum(has_weight & layout.is_unit(targets)),
-      "num_kl_positions": jnp.sum(kl_mask),
-      "num_sequences": count_sequences(has_weight, segment_ids),
-  }
+  counts = token_counts(targets, weights, segment_ids, layout=layout, kl_target=kl_target)
   denominators = counts if denominators is None else denominators
 
   def per_unit(name):
@@ -440,9 +452,9 @@ def loss_coefficients(targets, weights, segment_ids=None, *, layout: VocabLayout
   ce = weights * (jnp.where(text_mask, per_unit("num_text_tokens"), 0.0)
                   + jnp.where(speech_mask, speech_scale, 0.0))
   if method == "sld":
-    kl_count = "num_sequences" if kl_normalization == "sequence" else "num_kl_positions"
     t = float(temperature)
-    kl = weights * jnp.where(kl_mask, alpha * t * t * per_unit(kl_count), 0.0)
+    kl = weights * jnp.where(kl_mask, alpha * t * t * per_unit(kl_count_name(kl_normalization)),
+                             0.0)
   else:
     kl = jnp.zeros_like(weights)
   return ce, kl, counts
@@ -464,9 +476,9 @@ def token_kl(terms, layout: VocabLayout, epsilon: float, temperature: float,
                         p_true, p_other)
 
 
-def objective_from_terms(terms, targets, weights, segment_ids, *, layout: VocabLayout, method: str,
-               alpha: float, epsilon: float, temperature: float, kl_target: str,
-               kl_normalization: str, denominators=None):
+def objective_from_terms(terms, targets, weights, segment_ids, *, layout: VocabLayout,
+                         method: str, alpha: float, epsilon: float, temperature: float,
+                         kl_target: str, kl_normalization: str, denominators=None):
   """``compute_loss``'s result from ``token_terms`` (masks, counts, means).
 
   ``loss`` is ``loss_coefficients``' weighted sum of the terms; the means in
@@ -491,8 +503,8 @@ def objective_from_terms(terms, targets, weights, segment_ids, *, layout: VocabL
     t = float(temperature)
     kl = token_kl(terms, layout, epsilon, t, kl_target)
     kl_mask = has_weight & kl_positions(targets, layout, kl_target)
-    kl_count = "num_sequences" if kl_normalization == "sequence" else "num_kl_positions"
-    kl_speech = t * t * _masked_mean(kl, weights, kl_mask, counts[kl_count])
+    kl_speech = t * t * _masked_mean(kl, weights, kl_mask,
+                                     counts[kl_count_name(kl_normalization)])
     loss = loss + jnp.sum(kl_weight * kl)
   else:
     kl_speech = jnp.zeros((), dtype)

@@ -85,7 +85,7 @@ def host_segment_starts(segment_ids: np.ndarray, slots: int | None = None) -> np
   """
   segment_ids = np.asarray(segment_ids)
   starts = _host_starts(segment_ids)
-  count = host_segment_count(segment_ids)
+  count = int(starts.sum(axis=1).max(initial=1))
   slots = slots_for(count) if slots is None else slots
   if count > slots:
     raise ValueError(f"host_segment_starts: a row has {count} segments, more than the "

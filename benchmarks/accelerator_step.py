@@ -50,9 +50,12 @@ without running it: the check to make on a CPU before spending accelerator
 time ("xla" stands in for the cuDNN implementations off GPUs).
 ``--check_attention`` compares ``cudnn_packed`` with the float32 reference
 attention on packed rows (outputs and gradients at real positions) and times
-the attention implementations alone; ``--profile DIR`` traces 3 steps of
+the attention implementations alone; ``--profile DIR`` traces 2 steps of
 each configuration and summarises where the device time went
-(``profile_summary.py``).
+(``profile_summary.py``; lean tracer options, 2 steps). ``--xla_flags``
+runs the configurations' processes with those XLA flags added to
+``XLA_FLAGS`` (e.g. ``--xla_gpu_enable_triton_gemm=false``), recorded in each
+result.
 
 On a CPU (``--sizes tiny --rows 2 --length 256 --steps 2``) it checks the
 script; its MFU there is meaningless.
@@ -234,16 +237,35 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
   }
   if args.profile:
     trace_dir = os.path.join(args.profile, f"trace_{size}_{method}_{variant}")
-    with jax.profiler.trace(trace_dir):
-      for batch in device_batches[2:5]:
+    traced = device_batches[2:2 + PROFILED_STEPS]
+    with jax.profiler.trace(trace_dir, profiler_options=lean_profile_options()):
+      for batch in traced:
         state, metrics = run(state, batch)
     import profile_summary  # pylint: disable=g-import-not-at-top
     plane = "/device:GPU" if jax.default_backend() == "gpu" else "/host:CPU"
-    summary = profile_summary.summarize(trace_dir, plane, top=30, steps=3)
+    summary = profile_summary.summarize(trace_dir, plane, top=30, steps=len(traced))
     atomic_files.write_json(os.path.join(args.profile, f"profile_{size}_{method}_{variant}.json"),
                             summary, indent=1, sort_keys=False)
     result["profile_categories_ms"] = summary["categories_ms_per_step"]
   return result
+
+
+PROFILED_STEPS = 2
+
+
+def lean_profile_options() -> "jax.profiler.ProfileOptions":
+  """Device activity and the host's framework annotations only.
+
+  jax's default options also trace every Python call and dump each module's
+  HLO into the trace; on 2026-11-30 a default-options trace of 3 gpt2_medium
+  steps did not finish within 400 s on an H200. The kernels' ``hlo_op``
+  names come from the annotations of host tracer level 1.
+  """
+  options = jax.profiler.ProfileOptions()
+  options.host_tracer_level = 1
+  options.python_tracer_level = 0
+  options.enable_hlo_proto = False
+  return options
 
 
 def _packed_segments(rng: np.random.Generator, rows: int, length: int) -> np.ndarray:
@@ -346,11 +368,21 @@ def _child_command(args, size: str, method: str, variant: str) -> list[str]:
   return command
 
 
-def _run_isolated(command: Sequence[str], timeout: float) -> list[dict[str, Any]]:
+def child_environment(xla_flags: Optional[str]) -> dict[str, str]:
+  """This process's environment with ``xla_flags`` appended to ``XLA_FLAGS``."""
+  environment = dict(os.environ)
+  if xla_flags:
+    environment["XLA_FLAGS"] = " ".join(
+        part for part in (environment.get("XLA_FLAGS", ""), xla_flags) if part)
+  return environment
+
+
+def _run_isolated(command: Sequence[str], timeout: float,
+                  environment: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
   """Runs one configuration in a fresh process; its ``RESULT`` lines."""
   try:
     completed = subprocess.run(command, capture_output=True, text=True, check=False,
-                               timeout=timeout)
+                               timeout=timeout, env=environment)
   except subprocess.TimeoutExpired as error:
     output = (error.stdout or b"") + (error.stderr or b"")
     output = output.decode(errors="replace") if isinstance(output, bytes) else output
@@ -381,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="run every configuration in this process (peak memory then "
                            "accumulates over them)")
   parser.add_argument("--profile", default=None, metavar="DIR",
-                      help="trace 3 steps of each configuration into DIR and summarise them")
+                      help="trace 2 steps of each configuration into DIR and summarise them")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--remat_policy", default="full",
@@ -396,8 +428,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--matmul_size", type=int, default=8192)
   parser.add_argument("--child_timeout", type=float, default=600.0,
                       help="seconds one configuration's process may take (default %(default)s)")
+  parser.add_argument("--xla_flags", default=None,
+                      help="XLA flags added to XLA_FLAGS for the configurations' processes")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
+  if args.xla_flags and (args.in_process or args.memory_only or args.check_attention):
+    parser.error("--xla_flags applies to the configurations' own processes; set XLA_FLAGS "
+                 "instead with --in_process, --memory_only or --check_attention")
 
   if args.check_attention:
     result = check_attention(args)
@@ -435,9 +472,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"{platform.python_version()}; measured bf16 matmul {args.matmul_size}^3: "
         f"{peak:.0f} TFLOP/s", flush=True)
   results = []
+  environment = child_environment(args.xla_flags)
   for size, method, variant in configurations:
     for result in _run_isolated(_child_command(args, size, method, variant),
-                                args.child_timeout):
+                                args.child_timeout, environment):
+      result["xla_flags"] = args.xla_flags
       result.setdefault("size", size)
       result.setdefault("method", method)
       result.setdefault("variant", variant)
@@ -459,7 +498,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       print(f"| {r['size']} | {r['method']} | {r['variant']} | error: "
             f"{r['error'][:120]} |||||||")
       continue
-    print(f"| {r['size']} | {r['method']} | {r['variant']}{' remat ' + r['remat'] if r['remat'] else ''} | "
+    print(f"| {r['size']} | {r['method']} | {r['variant']}{' remat ' + r['remat'] if r['remat'] else ''}"
+          f"{' XLA_FLAGS ' + r['xla_flags'] if r.get('xla_flags') else ''} | "
           f"{r['rows']}x{r['length']} | {1e3 * r['step_seconds']:.1f} | "
           f"{r['tokens_per_second']:,.0f} | {r['model_tflops_per_second']:.1f} | "
           f"{100 * r['mfu_measured_peak']:.1f}% | {100 * r['mfu_datasheet']:.1f}% | "

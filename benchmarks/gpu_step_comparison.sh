@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Issue #13's one-call GPU measurement: sld_jax's training step beside the
-# released PyTorch step compiled with torch.compile, gpt2_medium and
-# gpt2_small, 16 x 1024 tokens, vocabulary 56,320, bf16, SLD. In order of
-# importance, each stage writing its results to $OUT (or ./gpu_results) as
-# soon as it has them, so that a time limit loses nothing already measured:
+# Issue #13's GPU measurement: sld_jax's training step beside the released
+# PyTorch step compiled with torch.compile, gpt2_medium and gpt2_small,
+# 16 x 1024 tokens, vocabulary 56,320, bf16, SLD. In order of importance,
+# each stage writing its results to $OUT (or ./gpu_results) as soon as it has
+# them, so that a time limit loses nothing already measured:
 #   1. attention.json      cuDNN packed attention against the float32
 #                          reference (outputs, gradients) and each attention
-#                          implementation's forward+backward time
+#                          implementation's forward+backward time (~60 s)
 #   2. jax_main.json       sld_jax "packed" at gpt2_medium and gpt2_small, each
-#                          in its own process
-#   3. torch_compile.json  the peer, torch.compile, same shapes
-#   4. jax_more.json       gpt2_medium: Multimodal CE (the SLD-vs-MCE cost) and
-#                          the variants that isolate each lever
-#   5. torch_eager.json    the peer, eager
-#   6. profile_*.json      where gpt2_medium's step spends its time (a trace of
-#                          3 steps; on 2026-11-30 the traced run did not finish
-#                          within 400 s on an H200, so it comes last)
-# STAGES="1 2 3 4 5 6" (default) picks stages.
+#                          in its own process (~200 s)
+#   3. torch_compile.json  the peer, torch.compile, same shapes (~170 s)
+#   4. jax_mce.json        gpt2_medium, Multimodal CE: the SLD-vs-MCE cost (~120 s)
+#   5. jax_more.json       gpt2_medium: the variants that isolate each lever,
+#                          then "packed" under other XLA flags (~500 s)
+#   6. profile_*.json      where gpt2_medium's step spends its time: 2 traced
+#                          steps with lean tracer options and XLA's command
+#                          buffers off (so that each kernel is named by its
+#                          HLO op), the raw trace kept as trace.xplane.pb
+#                          (~150 s; on 2026-11-30 a default-options trace did
+#                          not finish within 400 s, so this stage has a timeout)
+#   7. torch_eager.json    the peer, eager (~120 s)
+# STAGES="1 2 3 4 5 6 7" (default) picks stages. Times are estimates from the
+# 2026-11-30 calls; one device call may run 600 s, so a 15-minute lease holds
+# two calls: STAGES="2 3 4" first, then STAGES="6 5" at once, while the
+# machine is warm (it goes back 30 s after a call).
 #
 # On the lent machine (its python3 has jax, flax, optax, orbax, torch and
 # transformers; gin-config travels as a wheel in .whl, see
@@ -26,41 +33,61 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_results}
-stages=" ${STAGES:-1 2 3 4 5 6} "
+stages=" ${STAGES:-1 2 3 4 5 6 7} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# Compiled steps are kept, so that a stage re-run on the same machine (after a
+# timeout, say) loads its steps instead of compiling them again.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 log="$out/log.txt"
 quiet() { grep --line-buffered -v "^W0000\|^I0000\|^E0000 .*cuInit"; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv 2>&1 | tee -a "$log"
 python3 -c "import jax, torch; print('jax', jax.__version__, 'torch', torch.__version__)" 2>&1 | quiet | tee -a "$log"
-shape=(--rows 16 --length 1024 --steps 10)
+# MEDIUM, SMALL, SHAPE and MATMUL override the sizes, shapes and matmul peak's
+# size, for a dry run of the script on a CPU: MEDIUM=tiny SMALL=tiny
+# SHAPE="--rows 2 --length 256 --steps 3" MATMUL=256 STAGES="2 4 5 6".
+medium=${MEDIUM:-gpt2_medium} small=${SMALL:-gpt2_small} matmul=${MATMUL:-4096}
+read -r -a shape <<< "${SHAPE:---rows 16 --length 1024 --steps 10}"
 if [[ $stages == *" 1 "* ]]; then
-  python3 benchmarks/accelerator_step.py --check_attention --rows 16 --length 1024 \
+  python3 benchmarks/accelerator_step.py --check_attention "${shape[@]}" \
     --out "$out/attention.json" 2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 2 "* ]]; then
-  python3 benchmarks/accelerator_step.py --sizes gpt2_medium gpt2_small --methods sld \
-    --variants packed "${shape[@]}" --out "$out/jax_main.json" 2>&1 | quiet | tee -a "$log"
+  python3 benchmarks/accelerator_step.py --sizes "$medium" "$small" --methods sld \
+    --variants packed "${shape[@]}" --matmul_size "${MATMUL:-8192}" --out "$out/jax_main.json" 2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 3 "* ]]; then
-  python3 benchmarks/pytorch_accelerator_step.py --sizes gpt2_medium gpt2_small --modes compile \
+  python3 benchmarks/pytorch_accelerator_step.py --sizes "$medium" "$small" --modes compile \
     "${shape[@]}" --out "$out/torch_compile.json" 2>&1 | tee -a "$log"
 fi
 if [[ $stages == *" 4 "* ]]; then
-  python3 benchmarks/accelerator_step.py --sizes gpt2_medium --methods multimodal_ce \
-    --variants packed "${shape[@]}" --matmul_size 4096 --out "$out/jax_mce.json" \
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods multimodal_ce \
+    --variants packed "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_mce.json" \
     2>&1 | quiet | tee -a "$log"
-  python3 benchmarks/accelerator_step.py --sizes gpt2_medium --methods sld \
-    --variants packed_recompute cudnn_fused packed_no_dropout cudnn "${shape[@]}" --matmul_size 4096 \
-    --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 5 "* ]]; then
-  python3 benchmarks/pytorch_accelerator_step.py --sizes gpt2_medium gpt2_small --modes eager \
-    "${shape[@]}" --out "$out/torch_eager.json" 2>&1 | tee -a "$log"
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld \
+    --variants packed_recompute packed_no_dropout cudnn_fused cudnn "${shape[@]}" --matmul_size "$matmul" \
+    --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
+    "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_xla_flags.json" \
+    --xla_flags="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
+    2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 6 "* ]]; then
-  python3 benchmarks/accelerator_step.py --sizes gpt2_medium --methods sld --variants packed \
-    "${shape[@]}" --matmul_size 4096 --profile /tmp/profiles --out /tmp/profiled.json \
-    2>&1 | quiet | tee -a "$log"
+  rm -rf /tmp/profiles
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout "${PROFILE_TIMEOUT:-300}" \
+    python3 benchmarks/accelerator_step.py --in_process --sizes "$medium" --methods sld \
+    --variants packed "${shape[@]}" --profile /tmp/profiles 2>&1 | quiet | tee -a "$log"
   cp /tmp/profiles/profile_*.json "$out/" 2>/dev/null
+  trace=$(find /tmp/profiles -name "*.xplane.pb" | head -1)
+  if [[ -n $trace && $(stat -c %s "$trace") -le 16000000 ]]; then
+    cp "$trace" "$out/trace.xplane.pb"
+  elif [[ -n $trace ]]; then
+    gzip -c "$trace" > "$out/trace.xplane.pb.gz"
+  fi
+fi
+if [[ $stages == *" 7 "* ]]; then
+  python3 benchmarks/pytorch_accelerator_step.py --sizes "$medium" "$small" --modes eager \
+    "${shape[@]}" --out "$out/torch_eager.json" 2>&1 | tee -a "$log"
 fi

@@ -40,6 +40,8 @@ model width and ``S`` the row length. Rematerialisation is not counted
   packed_no_dropout  packed with residual dropout off as well
   packed_recompute   packed with the chunked loss's logits recomputed in the
                      backward pass (``loss_backward="recompute"``)
+  packed_slots_by_4  packed declaring segment slots in multiples of 4
+                     (``segment_slot_multiple=4``) instead of powers of two
 
 Each configuration runs in its own process (``--in_process`` runs them in
 this one), so that the device's ``peak_bytes_in_use`` is that configuration's
@@ -125,6 +127,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "packed": _PACKED,
     "packed_no_dropout": dict(_PACKED, decoder=dict(_PACKED["decoder"], dropout_rate=0.0)),
     "packed_recompute": dict(_PACKED, loss_backward="recompute"),
+    "packed_slots_by_4": dict(_PACKED, decoder=dict(_PACKED["decoder"], segment_slot_multiple=4)),
     "xla_fused": dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation="xla")),
 }
 _GPU_ONLY_ATTENTION = ("cudnn", "cudnn_packed")
@@ -166,8 +169,9 @@ def _with_host_features(trainer, batches: list[dict[str, np.ndarray]]
   if "decoder_segment_ids" not in batches[0]:
     return batches
   from sld_jax.model import packed_attention  # pylint: disable=g-import-not-at-top
-  slots = packed_attention.slots_for(max(
-      packed_attention.host_segment_count(b["decoder_segment_ids"]) for b in batches))
+  slots = packed_attention.slots_for(
+      max(packed_attention.host_segment_count(b["decoder_segment_ids"]) for b in batches),
+      trainer.model.config.segment_slot_multiple)
   return [dict(trainer.model.host_features(b, slots=slots)) for b in batches]
 
 
@@ -324,8 +328,18 @@ def check_attention(args) -> dict[str, Any]:
       "cudnn_packed_no_fallback": lambda q, k, v: packed_attention.cudnn_packed_attention(
           q, k, v, *packed_attention.segment_layout(segments, 32)[:2], scale),
   }
+  # What training runs: the host's offsets, slots by power of two and by 4.
+  count = packed_attention.host_segment_count(np.asarray(segments))
+  for label, multiple in (("pow2", 0), ("by4", 4)):
+    starts = jnp.asarray(packed_attention.host_segment_starts(
+        np.asarray(segments), packed_attention.slots_for(count, multiple)))
+    implementations[f"cudnn_packed_host_{label}"] = (
+        lambda q, k, v, starts=starts: packed_attention.packed_attention(
+            q, k, v, segments, scale, 0, segment_starts=starts))
   result: dict[str, Any] = {"shape": shape, "segments_per_row": [
-      int(len(set(row[row > 0]))) for row in np.asarray(segments)]}
+      int(len(set(row[row > 0]))) for row in np.asarray(segments)],
+      "host_slots": {"pow2": packed_attention.slots_for(count),
+                     "by4": packed_attention.slots_for(count, 4)}}
   outputs = {}
   for name, attend in implementations.items():
     try:

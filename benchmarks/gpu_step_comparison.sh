@@ -67,7 +67,7 @@ if [[ $stages == *" 4 "* ]]; then
 fi
 if [[ $stages == *" 5 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld \
-    --variants packed_recompute packed_no_dropout cudnn_fused cudnn "${shape[@]}" --matmul_size "$matmul" \
+    --variants packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn "${shape[@]}" --matmul_size "$matmul" \
     --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
     "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_xla_flags.json" \

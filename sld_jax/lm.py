@@ -290,7 +290,8 @@ class SpeechTextLM:
     ``attention_implementation="cudnn_packed"`` on packed rows:
     ``decoder_segment_starts [B, slots + 1]``
     (``packed_attention.host_segment_starts``). ``slots``: None, the rows'
-    most segments rounded up (``packed_attention.slots_for``) and agreed by
+    most segments rounded up (``packed_attention.slots_for``, by
+    ``DecoderConfig.segment_slot_multiple``) and agreed by
     all processes (the largest of theirs); or a fixed count covering every
     row, e.g. one executable for many batches. Otherwise, or when the batch
     has the feature already or holds shapes only, ``host_batch`` itself.
@@ -302,7 +303,8 @@ class SpeechTextLM:
       return host_batch
     segment_ids = np.asarray(segment_ids)
     if slots is None:
-      slots = packed_attention.slots_for(packed_attention.host_segment_count(segment_ids))
+      slots = packed_attention.slots_for(packed_attention.host_segment_count(segment_ids),
+                                         self.config.segment_slot_multiple)
       slots = int(cross_process.all_max(slots))
     return dict(host_batch,
                 decoder_segment_starts=packed_attention.host_segment_starts(segment_ids, slots))

@@ -29,6 +29,7 @@ from sld_jax.model import masks
 from sld_jax.model import packed_attention
 from sld_jax.model.config import DecoderConfig
 from sld_jax.model.config import decoder_config
+from sld_jax.vocab import VocabLayout
 
 import tiny_train
 
@@ -116,9 +117,30 @@ def test_config_names_the_packed_implementation_and_its_bound():
     DecoderConfig(vocab_size=64, max_segments_per_row=0)
 
 
-def test_slots_round_up_to_powers_of_two():
-  assert [packed_attention.slots_for(n) for n in (1, 3, 8, 9, 16, 17, 40)] == [
-      8, 8, 8, 16, 16, 32, 64]
+def test_slots_round_up_to_powers_of_two_or_to_a_multiple():
+  counts = (1, 3, 8, 9, 12, 13, 16, 17, 40)
+  assert [packed_attention.slots_for(n) for n in counts] == [8, 8, 8, 16, 16, 16, 16, 32, 64]
+  assert [packed_attention.slots_for(n, 4) for n in counts] == [8, 8, 8, 12, 12, 16, 16, 20, 40]
+  assert [packed_attention.slots_for(n, 3) for n in counts] == [8, 8, 9, 9, 12, 15, 18, 18, 42]
+  with pytest.raises(ValueError, match="segment_slot_multiple must be >= 0"):
+    DecoderConfig(vocab_size=64, segment_slot_multiple=-1)
+
+
+@pytest.mark.parametrize("multiple, want_slots", [(0, 16), (4, 12)])
+def test_host_features_declare_the_configured_slots(multiple, want_slots):
+  segments = _packed_rows(np.random.default_rng(5), 3, 96, max_len=20)
+  count = packed_attention.host_segment_count(segments)
+  assert 9 <= count <= 12, count
+  decoder = functools.partial(decoder_config, size="tiny", num_layers=1, embed_dim=32,
+                              mlp_dim=64, max_length=96, dropout_rate=0.0,
+                              attention_implementation="cudnn_packed",
+                              segment_slot_multiple=multiple)
+  model = SpeechTextLM(VocabLayout(40, 20), decoder=decoder)
+  features = model.host_features({"decoder_segment_ids": segments})
+  starts = features["decoder_segment_starts"]
+  assert starts.shape == (3, want_slots + 1)
+  np.testing.assert_array_equal(
+      starts, packed_attention.host_segment_starts(segments, want_slots))
 
 
 def test_host_segment_starts_equal_a_naive_walk():

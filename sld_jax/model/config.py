@@ -60,6 +60,11 @@ class DecoderConfig:
   # heads, one layer's forward+backward: 16 -> 0.96 ms, 32 -> 1.47 ms,
   # 64 -> 2.19 ms; dense mask 1.35 ms (docs/benchmarks.md).
   max_segments_per_row: int = 16
+  # "cudnn_packed" in training: the slots the host declares per batch are its
+  # rows' most segments rounded up to a power of two (0), or to a multiple of
+  # this (e.g. 4: 8, 12, 16, 20, ...): fewer empty slots, so less cuDNN work,
+  # for more distinct slot counts, each compiling the step once.
+  segment_slot_multiple: int = 0
   norm: str = "layernorm"
   position: str = "learned"
   mlp: str = "gelu"
@@ -104,6 +109,9 @@ class DecoderConfig:
     if self.max_segments_per_row < 1:
       raise ValueError(
           f"DecoderConfig.max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
+    if self.segment_slot_multiple < 0:
+      raise ValueError(f"DecoderConfig.segment_slot_multiple must be >= 0 (0: powers of "
+                       f"two), got {self.segment_slot_multiple}")
     if self.embed_dim % self.num_heads:
       raise ValueError(
           f"DecoderConfig.embed_dim={self.embed_dim} is not divisible by "

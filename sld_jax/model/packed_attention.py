@@ -24,7 +24,8 @@ attends to padding, which no real position reads). The number of slots is
 static. Two ways to choose it:
 
 - In training, the host computes the offsets of each batch
-  (``host_segment_starts``, slots rounded up to a power of two, at least
+  (``host_segment_starts``, slots rounded up to a power of two, or to a
+  multiple of ``DecoderConfig.segment_slot_multiple``, at least
   ``MIN_SLOTS``; ``SpeechTextLM.host_features`` adds them to the batch as
   ``decoder_segment_starts [B, slots + 1]``). The slot count is then exact
   for the batch up to the rounding, and nothing is decided on the device;
@@ -59,10 +60,14 @@ Array = jnp.ndarray
 MIN_SLOTS = 8
 
 
-def slots_for(count: int) -> int:
-  """The declared slots for rows of at most ``count`` segments: the next
-  power of two, at least ``MIN_SLOTS`` (3 -> 8, 9 -> 16, 17 -> 32)."""
-  return max(MIN_SLOTS, 1 << max(int(count) - 1, 0).bit_length())
+def slots_for(count: int, multiple: int = 0) -> int:
+  """The declared slots for rows of at most ``count`` segments, at least
+  ``MIN_SLOTS``: the next power of two (``multiple=0``: 3 -> 8, 9 -> 16,
+  17 -> 32), else the next multiple of ``multiple`` (4: 9 -> 12, 17 -> 20)."""
+  count = int(count)
+  if multiple:
+    return max(MIN_SLOTS, -(-count // multiple) * multiple)
+  return max(MIN_SLOTS, 1 << max(count - 1, 0).bit_length())
 
 
 def _host_starts(segment_ids: np.ndarray) -> np.ndarray:

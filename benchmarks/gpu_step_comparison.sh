@@ -11,19 +11,22 @@
 #                          in its own process (~200 s)
 #   3. torch_compile.json  the peer, torch.compile, same shapes (~170 s)
 #   4. jax_mce.json        gpt2_medium, Multimodal CE: the SLD-vs-MCE cost (~120 s)
-#   5. jax_more.json       gpt2_medium: the variants that isolate each lever,
-#                          then "packed" under other XLA flags (~500 s)
-#   6. profile_*.json      where gpt2_medium's step spends its time: 2 traced
+#   5. profile_*.json      where gpt2_medium's step spends its time: 2 traced
 #                          steps with lean tracer options and XLA's command
 #                          buffers off (so that each kernel is named by its
 #                          HLO op), the raw trace kept as trace.xplane.pb
 #                          (~150 s; on 2026-11-30 a default-options trace did
 #                          not finish within 400 s, so this stage has a timeout)
+#   6. jax_more.json       gpt2_medium: the variants that isolate each lever,
+#                          then "packed" under other XLA flags (~600 s)
 #   7. torch_eager.json    the peer, eager (~120 s)
-# STAGES="1 2 3 4 5 6 7" (default) picks stages. Times are estimates from the
-# 2026-11-30 calls; one device call may run 600 s, so a 15-minute lease holds
-# two calls: STAGES="2 3 4" first, then STAGES="6 5" at once, while the
-# machine is warm (it goes back 30 s after a call).
+# Then report.md: the tables for docs/benchmarks.md (benchmarks/gpu_report.py).
+# STAGES="1 2 3 4 5 6 7" (default) picks stages; STAGES=" " only writes the
+# report. Times are estimates from the 2026-11-30 calls. One device call may
+# run 600 s and a session has 900 s of device time, the machine's start
+# (60-120 s) included, so: STAGES="2 3 4" (the Done-when tables, ~500 s),
+# then at once, while the machine is warm (it goes back 30 s after a call),
+# STAGES="5" with a 250 s limit; stages 1, 6 and 7 only with time to spare.
 #
 # On the lent machine (its python3 has jax, flax, optax, orbax, torch and
 # transformers; gin-config travels as a wheel in .whl, see
@@ -66,17 +69,8 @@ if [[ $stages == *" 4 "* ]]; then
     2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 5 "* ]]; then
-  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld \
-    --variants packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn "${shape[@]}" --matmul_size "$matmul" \
-    --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
-  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
-    "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_xla_flags.json" \
-    --xla_flags="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
-    2>&1 | quiet | tee -a "$log"
-fi
-if [[ $stages == *" 6 "* ]]; then
   rm -rf /tmp/profiles
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout "${PROFILE_TIMEOUT:-300}" \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout "${PROFILE_TIMEOUT:-230}" \
     python3 benchmarks/accelerator_step.py --in_process --sizes "$medium" --methods sld \
     --variants packed "${shape[@]}" --profile /tmp/profiles 2>&1 | quiet | tee -a "$log"
   cp /tmp/profiles/profile_*.json "$out/" 2>/dev/null
@@ -87,7 +81,18 @@ if [[ $stages == *" 6 "* ]]; then
     gzip -c "$trace" > "$out/trace.xplane.pb.gz"
   fi
 fi
+if [[ $stages == *" 6 "* ]]; then
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld \
+    --variants packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn "${shape[@]}" --matmul_size "$matmul" \
+    --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
+    "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_xla_flags.json" \
+    --xla_flags="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
+    2>&1 | quiet | tee -a "$log"
+fi
 if [[ $stages == *" 7 "* ]]; then
   python3 benchmarks/pytorch_accelerator_step.py --sizes "$medium" "$small" --modes eager \
     "${shape[@]}" --out "$out/torch_eager.json" 2>&1 | tee -a "$log"
 fi
+# The tables for docs/benchmarks.md, from whatever stages ran.
+python3 benchmarks/gpu_report.py "$out" > "$out/report.md" && cat "$out/report.md"

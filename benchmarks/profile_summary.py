@@ -21,13 +21,16 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-# First match wins; matched against the lower-cased op name and kernel name.
+# First match wins; matched against the lower-cased kernel name, then the
+# op name (an XLA op name such as "custom-call.12" says nothing: cuBLAS GEMMs
+# and cuDNN attention are both custom calls, their kernels tell them apart).
 CATEGORIES = (
-    ("attention", ("cudnn", "fmha", "flash", "custom-call", "dot_product_attention")),
-    ("matmul", ("gemm", "cublas", "nvjet", "cutlass", "dot", "matmul", "triton_gemm")),
-    ("loss and logits", ("logsumexp", "reduce", "log_softmax")),
-    ("copies and transposes", ("copy", "transpose", "memcpy", "memset")),
+    ("attention", ("cudnn", "fmha", "flash", "sdpa", "dot_product_attention")),
+    ("matmul", ("gemm", "cublas", "nvjet", "cutlass", "xmma", "matmul", "dot")),
     ("collectives", ("all-reduce", "all-gather", "reduce-scatter", "nccl")),
+    ("random bits", ("rng", "philox", "threefry", "random")),
+    ("copies and transposes", ("copy", "transpose", "memcpy", "memset")),
+    ("reductions (norms, softmax, loss)", ("reduce", "logsumexp", "softmax")),
 )
 
 
@@ -37,11 +40,18 @@ DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework Ops", "Framework 
                  "Source code", "XLA TraceMe", "Launch Stats", "Async XLA Ops")
 
 
-def category(*names: str) -> str:
-  text = " ".join(names).lower()
-  for name, needles in CATEGORIES:
-    if any(needle in text for needle in needles):
-      return name
+def category(op: str, kernel: str = "") -> str:
+  """A coarse category for an op: by its kernel's name first, then its own.
+
+  >>> category("custom-call.12", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n")
+  'matmul'
+  >>> category("custom-call.3", "cudnn_generated_fort_native_sdpa_sm90_knob_7")
+  'attention'
+  """
+  for text in (kernel.lower(), op.lower()):
+    for name, needles in CATEGORIES:
+      if any(needle in text for needle in needles):
+        return name
   return "other fusions and kernels"
 
 

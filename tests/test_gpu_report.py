@@ -1,0 +1,117 @@
+"""The GPU run's report (benchmarks/gpu_report.py) and the profile's categories.
+
+The report turns the JSON files of ``gpu_step_comparison.sh`` into the
+tables of docs/benchmarks.md; here it reads files written in those formats
+with known numbers, and each goal's verdict is checked against them.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import gpu_report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import profile_summary  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+GIB = 2**30
+
+
+def _jax(size, method, variant, step, mfu, peak_gib, **extra):
+  return dict(size=size, method=method, variant=variant, step_seconds=step,
+              tokens_per_second=16384 / step, mfu_datasheet=mfu,
+              peak_bytes_in_use=int(peak_gib * GIB), **extra)
+
+
+def _write(directory: pathlib.Path, name: str, payload) -> None:
+  (directory / name).write_text(json.dumps(payload))
+
+
+@pytest.fixture(name="run_dir")
+def fixture_run_dir(tmp_path):
+  _write(tmp_path, "jax_main.json", {"device": "NVIDIA H200", "jax": "0.11.2", "results": [
+      _jax("gpt2_medium", "sld", "packed", 0.100, 0.40, 25.0),
+      _jax("gpt2_small", "sld", "packed", 0.040, 0.36, 12.5)]})
+  _write(tmp_path, "jax_mce.json", {"results": [
+      _jax("gpt2_medium", "multimodal_ce", "packed", 0.098, 0.41, 25.0)]})
+  _write(tmp_path, "torch_compile.json", {"torch": "2.11.0", "results": [
+      dict(size="gpt2_medium", mode="compile", step_seconds=0.120, tokens_per_second=136533,
+           mfu_datasheet=0.333, peak_gib=36.4),
+      dict(size="gpt2_small", mode="compile", error="RuntimeError: out of time")]})
+  _write(tmp_path, "jax_more.json", {"results": [
+      _jax("gpt2_medium", "sld", "packed_recompute", 0.103, 0.39, 26.0),
+      dict(size="gpt2_medium", method="sld", variant="cudnn", error="exit 1: boom")]})
+  _write(tmp_path, "jax_xla_flags.json", {"results": [
+      _jax("gpt2_medium", "sld", "packed", 0.095, 0.42, 25.0,
+           xla_flags="--xla_gpu_enable_triton_gemm=false")]})
+  _write(tmp_path, "attention.json", {
+      "reference_f32_fwd_bwd_ms": 4.9, "cudnn_packed_host_by4_fwd_bwd_ms": 0.6,
+      "cudnn_packed_host_by4_relative_error": {"out": 0.003, "dq": 0.006},
+      "cudnn_dense_mask_error": "RuntimeError: cuDNN is not detected."})
+  _write(tmp_path, "profile_gpt2_medium_sld_packed.json", {
+      "steps": 2, "categories_ms_per_step": {"matmul": 60.0, "attention": 20.0,
+                                             "other fusions and kernels": 20.0},
+      "top_ops": [{"op": "custom-call.12", "ms_per_step": 5.5, "calls": 2,
+                   "category": "matmul"}]})
+  return tmp_path
+
+
+def test_goals_are_judged_against_the_issues_bounds(run_dir):
+  goals = {goal: (measured, verdict) for goal, measured, verdict in gpu_report.goals(run_dir)}
+  assert goals["gpt2_medium MFU >= 45%"] == ("40.0%", "not met")
+  assert goals["gpt2_medium peak <= 30 GiB"] == ("25.0 GiB", "met")
+  assert goals["gpt2_small MFU >= 35%"] == ("36.0%", "met")
+  assert goals["SLD step / Multimodal CE step <= 1.03 (gpt2_medium)"] == ("1.020", "met")
+  speedup = [v for k, v in goals.items() if k.startswith("compiled peer")][0]
+  assert speedup == ("1.20", "-")
+
+
+def test_missing_stages_are_not_measured_rather_than_guessed(tmp_path):
+  _write(tmp_path, "jax_main.json", {"results": [
+      _jax("gpt2_medium", "sld", "packed", 0.080, 0.50, 31.0)]})
+  goals = {goal: (measured, verdict) for goal, measured, verdict in gpu_report.goals(tmp_path)}
+  assert goals["gpt2_medium MFU >= 45%"] == ("50.0%", "met")
+  assert goals["gpt2_medium peak <= 30 GiB"] == ("31.0 GiB", "not met")
+  assert goals["gpt2_small MFU >= 35%"] == ("-", "not measured")
+  assert goals["SLD step / Multimodal CE step <= 1.03 (gpt2_medium)"][1] == "not measured"
+
+
+def test_comparison_rows_put_each_size_beside_its_peer(run_dir):
+  rows = gpu_report.comparison_rows(run_dir)
+  assert [(r["size"], r["implementation"]) for r in rows] == [
+      ("gpt2_medium", "sld_jax `packed`"), ("gpt2_medium", "PyTorch, `torch.compile`"),
+      ("gpt2_small", "sld_jax `packed`")]      # the failed peer has no row
+  assert rows[0]["step_ms"] == pytest.approx(100.0) and rows[0]["peak_gib"] == pytest.approx(25.0)
+  assert rows[1]["peak_gib"] == 36.4
+
+
+def test_levers_are_relative_to_the_main_variant_and_keep_errors(run_dir):
+  rows = {(r["variant"], r["xla_flags"]): r for r in gpu_report.lever_rows(run_dir)}
+  assert rows[("packed_recompute", "")]["vs_main"] == pytest.approx(1.03)
+  assert rows[("packed", "--xla_gpu_enable_triton_gemm=false")]["vs_main"] == pytest.approx(0.95)
+  assert rows[("cudnn", "")]["error"].startswith("exit 1")
+
+
+def test_report_has_every_section(run_dir):
+  text = gpu_report.report(run_dir)
+  assert "NVIDIA H200, jax 0.11.2, torch 2.11.0" in text
+  assert "| gpt2_medium | sld_jax `packed` | 100.0 | 163,840 | 40.0% | 25.0 |" in text
+  assert "| cudnn_packed_host_by4 | 0.60 | 0.60% |" in text
+  assert "| matmul | 60.0 | 60% |" in text and "| all | 100.0 | |" in text
+  assert "cudnn_dense_mask" not in text            # an error, not a time
+
+
+@pytest.mark.parametrize("op, kernel, want", [
+    ("custom-call.12", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+    ("custom-call.7", "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", "matmul"),
+    ("custom-call.3", "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64", "attention"),
+    ("loop_add_fusion.4", "loop_add_fusion_4", "other fusions and kernels"),
+    ("input_reduce_fusion.2", "input_reduce_fusion_2", "reductions (norms, softmax, loss)"),
+    ("rng-bit-generator.1", "rng_bit_generator_kernel", "random bits"),
+])
+def test_profile_categories_go_by_the_kernel_first(op, kernel, want):
+  assert profile_summary.category(op, kernel) == want

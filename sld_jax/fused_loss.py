@@ -104,10 +104,43 @@ def compute_loss_fused(hidden, table, targets, weights, segment_ids=None, *,
   return loss, aux
 
 
+def _logits_gradient(spec: _Pass, logits, targets, terms, ce, kl):
+  """``d objective / d logits`` of one chunk (module docstring), float32 ``[B, C, V]``.
+
+  One elementwise expression over the chunk's logits (columns told apart by
+  an iota, not by slicing and updating the unit columns), so that it fuses
+  into one pass that reads the logits once; the normalisers come from the
+  terms: ``log sum exp = nll + logit(y)``, and over the K units at
+  temperature T ``class_logit / T - log_p_class``.
+  """
+  layout, t = spec.layout, spec.temperature
+  offset, num_units = layout.speech_offset, layout.speech_size
+  safe_targets = jnp.clip(targets, 0, layout.real_size - 1)       # as token_terms reads them
+  target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+  column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  log_normalizer = terms["nll"] + target_logit
+  dlogits = ce[..., None] * (jnp.exp(logits - log_normalizer[..., None])
+                             - (column == targets[..., None]))
+  if not spec.with_kl:
+    return dlogits
+  is_unit_target = layout.is_unit(targets)
+  class_logit = jnp.where(is_unit_target, target_logit, logits[..., offset])
+  unit_log_normalizer = class_logit / t - terms["log_p_class"]
+  is_unit_column = column >= offset
+  p_units = jnp.exp(jnp.where(is_unit_column, logits / t - unit_log_normalizer[..., None],
+                              -jnp.inf))
+  # The two-valued target: p_true at the unit class (unit 0 off unit targets).
+  class_column = jnp.where(is_unit_target, targets, offset)
+  target = jnp.where(column == class_column[..., None], spec.p_true, spec.p_other)
+  total = spec.p_true + (num_units - 1) * spec.p_other
+  return dlogits + jnp.where(is_unit_column,
+                             kl[..., None] / t * (total * p_units - target), 0.0)
+
+
 def _pass(spec: _Pass, hidden, table, targets, ce, kl, with_gradient: bool):
   """The chunked pass: objective, per-token terms and (optionally) gradients."""
   layout, t, dtype = spec.layout, spec.temperature, spec.logits_dtype
-  offset, num_units = layout.speech_offset, layout.speech_size
+  num_units = layout.speech_size
   length = targets.shape[1]
   table_in = table.astype(dtype)
 
@@ -125,18 +158,7 @@ def _pass(spec: _Pass, hidden, table, targets, ce, kl, with_gradient: bool):
       terms["kl"] = kl_value
     if not with_gradient:
       return table_gradient, (value, terms)
-    lse = (terms["nll"] + jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0])
-    dlogits = ce_c[..., None] * (jnp.exp(logits - lse[..., None])
-                                 - jax.nn.one_hot(y, layout.real_size, dtype=jnp.float32))
-    if spec.with_kl:
-      unit_logits = logits[..., offset:] / t
-      p_units = jax.nn.softmax(unit_logits, axis=-1)
-      unit_class = jnp.where(layout.is_unit(y), y - offset, 0)
-      target = spec.p_other + (spec.p_true - spec.p_other) * jax.nn.one_hot(
-          unit_class, num_units, dtype=jnp.float32)
-      total = spec.p_true + (num_units - 1) * spec.p_other
-      dlogits = dlogits.at[..., offset:].add(kl_c[..., None] / t * (total * p_units - target))
-    dlogits = dlogits.astype(dtype)
+    dlogits = _logits_gradient(spec, logits, y, terms, ce_c, kl_c).astype(dtype)
     d_hidden = jnp.einsum("bcv,ve->bce", dlogits, table_in,
                           preferred_element_type=jnp.float32).astype(h.dtype)
     table_gradient = table_gradient + jnp.einsum("bcv,bce->ve", dlogits, h_in,

@@ -365,17 +365,20 @@ def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 
   dtype = jnp.promote_types(real_logits.dtype, jnp.float32)
   real_logits = real_logits.astype(dtype)
   offset, num_units = layout.speech_offset, layout.speech_size
-  unit_logits = real_logits[..., offset:]                          # [B, L, K]
-  # One pass over the vocabulary, split so the unit part can serve the KL.
+  text_logits, unit_logits = real_logits[..., :offset], real_logits[..., offset:]
+  # Every reduction is over the text part or the unit part, so that those
+  # over one part can share a pass over it; the unit part serves the KL.
   lse_units = jax.nn.logsumexp(unit_logits, axis=-1)              # [B, L]
-  lse = jnp.logaddexp(jax.nn.logsumexp(real_logits[..., :offset], axis=-1),
-                      lse_units)
+  lse = jnp.logaddexp(jax.nn.logsumexp(text_logits, axis=-1), lse_units)
   safe_targets = jnp.clip(targets, 0, layout.real_size - 1).astype(jnp.int32)
   target_logit = jnp.take_along_axis(
       real_logits, safe_targets[..., None], axis=-1)[..., 0]      # [B, L]
+  # argmax over the real vocabulary (the first of equal maxima: text first).
+  argmax = jnp.where(jnp.max(unit_logits, axis=-1) > jnp.max(text_logits, axis=-1),
+                     offset + jnp.argmax(unit_logits, axis=-1), jnp.argmax(text_logits, axis=-1))
   terms = {
       "nll": lse - target_logit,
-      "correct": jax.lax.stop_gradient(jnp.argmax(real_logits, axis=-1) == targets),
+      "correct": jax.lax.stop_gradient(argmax == targets),
   }
   if with_kl:
     t = float(temperature)

@@ -644,3 +644,23 @@ def test_shape_mismatches_name_the_argument():
     losses.compute_loss(logits[..., :19], targets, weights, None, layout=LAYOUT)
   with pytest.raises(ValueError, match=r"config must be a LossConfig"):
     losses.compute_loss_from_config(logits, targets, weights, None, LAYOUT, {})
+
+
+def test_correct_is_the_first_argmax_over_the_real_vocabulary_ties_included():
+  """``token_terms`` takes the argmax part by part (text, then units); with
+  ties inside a part and across the boundary it must still be np.argmax's."""
+  layout = LAYOUT
+  real, offset = layout.real_size, layout.speech_offset
+  rng = np.random.default_rng(3)
+  logits = rng.integers(-2, 3, size=(4, 9, real)).astype(np.float32)   # many ties
+  logits[0, 0, :] = 1.0                                     # every column tied
+  logits[0, 1, offset - 1] = logits[0, 1, offset] = 9.0     # tie across the boundary
+  logits[0, 2, offset + 2] = logits[0, 2, offset + 5] = 9.0  # tie inside the units
+  argmax = logits.argmax(axis=-1)
+  targets = np.where(rng.uniform(size=argmax.shape) < 0.6, argmax,
+                     rng.integers(0, real, argmax.shape)).astype(np.int32)
+  targets[0, :3] = argmax[0, :3]
+  terms = losses.token_terms(jnp.asarray(logits), jnp.asarray(targets), layout)
+  np.testing.assert_array_equal(np.asarray(terms["correct"]), argmax == targets)
+  assert np.asarray(terms["correct"])[0, :3].all()
+  assert (argmax == targets).mean() > 0.5

@@ -29,6 +29,9 @@ model width and ``S`` the row length. Rematerialisation is not counted
 
   reference          written-out attention with dropout, ``[B, L, V]``
                      float32 logits, threefry dropout masks (the defaults)
+  reference_no_attention_dropout
+                     reference without dropout on the attention
+                     probabilities (what that dropout costs)
   cudnn              cuDNN flash attention with the dense packed mask (no
                      attention dropout); the rest as reference
   cudnn_fused        + the chunked loss (``loss_chunk_size=256``) with its
@@ -122,6 +125,7 @@ _PACKED = dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation=
 # name -> {"decoder": DecoderConfig overrides, SpeechTextLM options...}
 VARIANTS: dict[str, dict[str, Any]] = {
     "reference": dict(decoder={}),
+    "reference_no_attention_dropout": dict(decoder=dict(attention_dropout_rate=0.0)),
     "cudnn": dict(decoder=dict(attention_implementation="cudnn", attention_dropout_rate=0.0)),
     "cudnn_fused": _FUSED,
     "packed": _PACKED,

@@ -17,8 +17,10 @@
 #                          HLO op), the raw trace kept as trace.xplane.pb
 #                          (~150 s; on 2026-11-30 a default-options trace did
 #                          not finish within 400 s, so this stage has a timeout)
-#   6. jax_more.json       gpt2_medium: the variants that isolate each lever,
-#                          then "packed" under other XLA flags (~600 s)
+#   6. jax_more.json       gpt2_medium: the variants that isolate each lever
+#                          (attention dropout's cost: reference vs
+#                          reference_no_attention_dropout), then "packed"
+#                          under other XLA flags (~900 s: over two calls)
 #   7. torch_eager.json    the peer, eager (~120 s)
 # Then report.md: the tables for docs/benchmarks.md (benchmarks/gpu_report.py).
 # STAGES="1 2 3 4 5 6 7" (default) picks stages; STAGES=" " only writes the
@@ -83,7 +85,7 @@ if [[ $stages == *" 5 "* ]]; then
 fi
 if [[ $stages == *" 6 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld \
-    --variants packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn "${shape[@]}" --matmul_size "$matmul" \
+    --variants packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn reference reference_no_attention_dropout "${shape[@]}" --matmul_size "$matmul" \
     --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
     "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_xla_flags.json" \

@@ -12,7 +12,8 @@ stages ran) and writes, in this order:
      worth), with the XLA flags they ran under;
   4. attention alone (``attention.json``): forward + backward time and the
      largest relative error against the float32 reference;
-  5. the profile: device time per category and the top ops.
+  5. the profile: device time per category and the top ops;
+  6. every configuration that did not finish, with its error.
 
 ::
 
@@ -175,6 +176,20 @@ def profile_sections(directory: str, top: int = 10) -> list[str]:
   return lines
 
 
+def failures(directory: str) -> list[str]:
+  """``file: configuration: error`` for every configuration that did not finish."""
+  found = []
+  for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+    with open(path) as f:
+      payload = json.load(f)
+    for result in payload.get("results", []) if isinstance(payload, dict) else []:
+      if "error" in result:
+        name = " ".join(str(result.get(k)) for k in ("size", "method", "mode", "variant")
+                        if result.get(k) is not None)
+        found.append(f"{os.path.basename(path)}: {name}: {result['error'][:300]}")
+  return found
+
+
 def report(directory: str) -> str:
   """The whole markdown report of the run in ``directory``."""
   main_payload = _load(directory, "jax_main.json") or {}
@@ -207,6 +222,10 @@ def report(directory: str) -> str:
   profile = profile_sections(directory)
   if profile:
     lines += [""] + profile
+  failed = failures(directory)
+  if failed:
+    lines += ["", "### Configurations that did not finish", ""]
+    lines += [f"- {line}" for line in failed]
   return "\n".join(lines).rstrip() + "\n"
 
 

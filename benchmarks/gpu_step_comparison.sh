@@ -71,12 +71,12 @@ if [[ $stages == *" 4 "* ]]; then
     2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 5 "* ]]; then
-  rm -rf /tmp/profiles
+  profiles=$(mktemp -d)
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout "${PROFILE_TIMEOUT:-230}" \
     python3 benchmarks/accelerator_step.py --in_process --sizes "$medium" --methods sld \
-    --variants packed "${shape[@]}" --profile /tmp/profiles 2>&1 | quiet | tee -a "$log"
-  cp /tmp/profiles/profile_*.json "$out/" 2>/dev/null
-  trace=$(find /tmp/profiles -name "*.xplane.pb" | head -1)
+    --variants packed "${shape[@]}" --profile "$profiles" 2>&1 | quiet | tee -a "$log"
+  cp "$profiles"/profile_*.json "$out/" 2>/dev/null
+  trace=$(find "$profiles" -name "*.xplane.pb" | head -1)
   if [[ -n $trace && $(stat -c %s "$trace") -le 16000000 ]]; then
     cp "$trace" "$out/trace.xplane.pb"
   elif [[ -n $trace ]]; then

@@ -8,7 +8,9 @@ with known numbers, and each goal's verdict is checked against them.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -103,6 +105,8 @@ def test_report_has_every_section(run_dir):
   assert "| cudnn_packed_host_by4 | 0.60 | 0.60% |" in text
   assert "| matmul | 60.0 | 60% |" in text and "| all | 100.0 | |" in text
   assert "cudnn_dense_mask" not in text            # an error, not a time
+  assert "- jax_more.json: gpt2_medium sld cudnn: exit 1: boom" in text
+  assert "- torch_compile.json: gpt2_small compile: RuntimeError: out of time" in text
 
 
 @pytest.mark.parametrize("op, kernel, want", [
@@ -115,3 +119,33 @@ def test_report_has_every_section(run_dir):
 ])
 def test_profile_categories_go_by_the_kernel_first(op, kernel, want):
   assert profile_summary.category(op, kernel) == want
+
+
+def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
+  """gpu_step_comparison.sh, the one call a lent GPU gets, dry-run at tiny
+  sizes: stages 2 (sld_jax packed), 4 (Multimodal CE) and 5 (the profile)
+  leave their files and a report with no failed configuration. A renamed
+  flag or a broken stage shows here, not in the GPU lease."""
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'no GPU (dry run)'\n")
+  (bin_dir / "nvidia-smi").chmod(0o755)
+  out = tmp_path / "out"
+  environment = dict(
+      os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), MEDIUM="tiny",
+      SMALL="tiny", MATMUL="64", STAGES="2 4 5", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+      SHAPE="--rows 2 --length 256 --steps 1 --text_size 300 --speech_size 100")
+  environment.pop("XLA_FLAGS", None)          # the children run as a user would
+  completed = subprocess.run(["bash", str(repo / "benchmarks/gpu_step_comparison.sh")],
+                             env=environment, capture_output=True, text=True, timeout=600,
+                             check=False)
+  assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+  for name in ("jax_main.json", "jax_mce.json", "profile_tiny_sld_packed.json",
+               "trace.xplane.pb", "report.md"):
+    assert (out / name).exists(), name
+  report = (out / "report.md").read_text()
+  assert "did not finish" not in report, report
+  assert "| tiny | sld_jax `packed` |" in report
+  mce = json.loads((out / "jax_mce.json").read_text())["results"][0]
+  assert mce["method"] == "multimodal_ce" and mce["step_seconds"] > 0

@@ -55,7 +55,10 @@ without running it: the check to make on a CPU before spending accelerator
 time ("xla" stands in for the cuDNN implementations off GPUs).
 ``--check_attention`` compares ``cudnn_packed`` with the float32 reference
 attention on packed rows (outputs and gradients at real positions) and times
-the attention implementations alone; ``--profile DIR`` traces 2 steps of
+the attention implementations alone; ``--breakdown`` times the step's parts alone
+(``breakdown_ms``: forward, forward + backward, the chunked loss pass; the
+optimizer and the backward pass by difference), a profile that needs no
+profiler; ``--profile DIR`` traces 2 steps of
 each configuration and summarises where the device time went
 (``profile_summary.py``; lean tracer options, 2 steps). ``--xla_flags``
 runs the configurations' processes with those XLA flags added to
@@ -243,6 +246,11 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
       "compiled_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
                         + memory.output_size_in_bytes - memory.alias_size_in_bytes,
   }
+  if args.breakdown:
+    result["breakdown_ms"] = breakdown_ms(trainer, state.params, device_batches[2], args.steps)
+    result["breakdown_ms"]["step"] = 1e3 * step
+    result["breakdown_ms"]["optimizer_and_metrics"] = (
+        1e3 * step - result["breakdown_ms"]["gradients"])
   if args.profile:
     trace_dir = os.path.join(args.profile, f"trace_{size}_{method}_{variant}")
     traced = device_batches[2:2 + PROFILED_STEPS]
@@ -256,6 +264,50 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
                             summary, indent=1, sort_keys=False)
     result["profile_categories_ms"] = summary["categories_ms_per_step"]
   return result
+
+
+def _median_ms(function, *arguments, repeats: int) -> float:
+  jax.block_until_ready(function(*arguments))          # compiles
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(function(*arguments))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def breakdown_ms(trainer, params, batch, repeats: int) -> dict[str, float]:
+  """Where the step's time goes, by timing its parts alone (no profiler).
+
+  ``gradients``: the objective's forward and backward pass (the step without
+  the optimizer update and metrics); ``forward``: the objective's forward
+  pass; with a chunked loss, ``loss_pass``: the output projection and loss
+  from the final hidden states, value and gradients
+  (``SpeechTextLM.chunked_loss``; the gradients of the parameters it does
+  not read are zeros it writes). Derived: ``optimizer_and_metrics`` = step -
+  gradients, ``backward`` = gradients - forward, ``decoder_without_loss`` =
+  gradients - loss_pass. Each part compiles once more.
+  """
+  model = trainer.model
+  key = jax.random.key(0)
+  totals = model.target_counts(batch)
+  parts = {}
+  with trainer.context():
+    gradients = jax.jit(jax.grad(model.microbatch_objective, has_aux=True))
+    parts["gradients"] = _median_ms(gradients, params, batch, key, totals, repeats=repeats)
+    forward = jax.jit(lambda params, batch, key: model.loss_fn(params, batch, key)[0])
+    parts["forward"] = _median_ms(forward, params, batch, key, repeats=repeats)
+    if model.loss_chunk_size is not None:
+      config = model.config
+      hidden = jax.random.normal(key, batch["decoder_input_tokens"].shape + (config.embed_dim,),
+                                 config.compute_dtype)
+      loss_pass = jax.jit(jax.value_and_grad(
+          lambda hidden, params: model.chunked_loss(params, hidden, batch, totals)[0],
+          argnums=(0, 1)))
+      parts["loss_pass"] = _median_ms(loss_pass, hidden, params, repeats=repeats)
+      parts["decoder_without_loss"] = parts["gradients"] - parts["loss_pass"]
+  parts["backward"] = parts["gradients"] - parts["forward"]
+  return parts
 
 
 PROFILED_STEPS = 2
@@ -380,7 +432,7 @@ def _child_command(args, size: str, method: str, variant: str) -> list[str]:
     value = getattr(args, name)
     if value is not None:
       command += [f"--{name}", str(value)]
-  for flag in ("remat", "scan_layers"):
+  for flag in ("remat", "scan_layers", "breakdown"):
     if getattr(args, flag):
       command.append(f"--{flag}")
   return command
@@ -430,6 +482,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--in_process", action="store_true",
                       help="run every configuration in this process (peak memory then "
                            "accumulates over them)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the step's parts alone: forward, forward+backward, "
+                           "the chunked loss (breakdown_ms)")
   parser.add_argument("--profile", default=None, metavar="DIR",
                       help="trace 2 steps of each configuration into DIR and summarise them")
   parser.add_argument("--dtype", default="bfloat16")

@@ -12,7 +12,8 @@ stages ran) and writes, in this order:
      worth), with the XLA flags they ran under;
   4. attention alone (``attention.json``): forward + backward time and the
      largest relative error against the float32 reference;
-  5. the profile: device time per category and the top ops;
+  5. where the step's time goes: its parts timed alone (``--breakdown``),
+     and the profile's device time per category and top ops;
   6. every configuration that did not finish, with its error.
 
 ::
@@ -158,6 +159,27 @@ def attention_rows(directory: str) -> list[tuple[str, float, Optional[float]]]:
   return rows
 
 
+BREAKDOWN_ORDER = ("step", "gradients", "forward", "backward", "loss_pass",
+                   "decoder_without_loss", "optimizer_and_metrics")
+
+
+def breakdown_sections(directory: str) -> list[str]:
+  """Each ``breakdown_ms`` of jax_breakdown.json: the step's parts timed alone."""
+  lines = []
+  for result in _results(_load(directory, "jax_breakdown.json")):
+    parts = result.get("breakdown_ms")
+    if not parts:
+      continue
+    step = parts.get("step")
+    lines += [f"#### The step's parts timed alone: {result['size']} {result['method']} "
+              f"`{result['variant']}`", "", "| part | ms | of the step |", "|---|---|---|"]
+    lines += [f"| {name} | {parts[name]:.1f} | "
+              f"{_number(parts[name] / step if step else None, '.0%')} |"
+              for name in BREAKDOWN_ORDER if name in parts]
+    lines.append("")
+  return lines
+
+
 def profile_sections(directory: str, top: int = 10) -> list[str]:
   lines = []
   for path in sorted(glob.glob(os.path.join(directory, "profile_*.json"))):
@@ -219,7 +241,7 @@ def report(directory: str) -> str:
     lines += ["", "### Attention alone (one layer, forward + backward)", "",
               "| implementation | ms | largest relative error vs float32 |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.2f} | {_number(error, '.2%')} |" for name, ms, error in attention]
-  profile = profile_sections(directory)
+  profile = breakdown_sections(directory) + profile_sections(directory)
   if profile:
     lines += [""] + profile
   failed = failures(directory)

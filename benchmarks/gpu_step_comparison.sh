@@ -11,12 +11,15 @@
 #                          in its own process (~200 s)
 #   3. torch_compile.json  the peer, torch.compile, same shapes (~170 s)
 #   4. jax_mce.json        gpt2_medium, Multimodal CE: the SLD-vs-MCE cost (~120 s)
-#   5. profile_*.json      where gpt2_medium's step spends its time: 2 traced
-#                          steps with lean tracer options and XLA's command
-#                          buffers off (so that each kernel is named by its
-#                          HLO op), the raw trace kept as trace.xplane.pb
-#                          (~150 s; on 2026-11-30 a default-options trace did
-#                          not finish within 400 s, so this stage has a timeout)
+#   5. jax_breakdown.json  where gpt2_medium's step spends its time, by timing
+#                          its parts alone (forward, forward + backward, the
+#                          chunked loss pass; ~160 s), then profile_*.json:
+#                          2 traced steps with lean tracer options and XLA's
+#                          command buffers off (so that each kernel is named
+#                          by its HLO op), the raw trace kept as
+#                          trace.xplane.pb (~100 s; on 2026-11-30 a
+#                          default-options trace did not finish within 400 s,
+#                          so it has a limit, PROFILE_TIMEOUT=150)
 #   6. jax_more.json       gpt2_medium: the variants that isolate each lever
 #                          (attention dropout's cost: reference vs
 #                          reference_no_attention_dropout), then "packed"
@@ -28,7 +31,8 @@
 # run 600 s and a session has 900 s of device time, the machine's start
 # (60-120 s) included, so: STAGES="2 3 4" (the Done-when tables, ~500 s),
 # then at once, while the machine is warm (it goes back 30 s after a call),
-# STAGES="5" with a 250 s limit; stages 1, 6 and 7 only with time to spare.
+# STAGES="5" with what is left (~300 s); stages 1, 6 and 7 only with time to
+# spare.
 #
 # On the lent machine (its python3 has jax, flax, optax, orbax, torch and
 # transformers; gin-config travels as a wheel in .whl, see
@@ -71,8 +75,11 @@ if [[ $stages == *" 4 "* ]]; then
     2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 5 "* ]]; then
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
+    "${shape[@]}" --matmul_size "$matmul" --breakdown --out "$out/jax_breakdown.json" \
+    2>&1 | quiet | tee -a "$log"
   profiles=$(mktemp -d)
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout "${PROFILE_TIMEOUT:-230}" \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout "${PROFILE_TIMEOUT:-150}" \
     python3 benchmarks/accelerator_step.py --in_process --sizes "$medium" --methods sld \
     --variants packed "${shape[@]}" --profile "$profiles" 2>&1 | quiet | tee -a "$log"
   cp "$profiles"/profile_*.json "$out/" 2>/dev/null

@@ -203,29 +203,42 @@ class SpeechTextLM:
       dropout_rng = self._dropout_key(jax.random.fold_in(rng, 0))
       inputs = time_mask(inputs, jax.random.fold_in(rng, 1), self.time_mask_prob,
                          self.time_mask_id)
-    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    segment_ids = batch.get("decoder_segment_ids")
-    knobs = dict(self.loss_config.knobs(), denominators=denominators)
     if self.loss_chunk_size is None:
       logits = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs)
-      loss, aux = losses.compute_loss(logits, targets, weights, segment_ids,
-                                      layout=self.layout, **knobs)
+      loss, aux = losses.compute_loss(
+          logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+          batch.get("decoder_segment_ids"), layout=self.layout,
+          **self.loss_config.knobs(), denominators=denominators)
     else:
       hidden = self.logits(params, batch, dropout_rng=dropout_rng, input_tokens=inputs,
                            return_hidden=True)
-      real_size = self.layout.real_size
-      if self.loss_backward == "in_forward":
-        table = decoder_lib.vocab_table(self.config, params, real_size)
-        loss, aux = fused_loss.compute_loss_fused(
-            hidden, table, targets, weights, segment_ids, layout=self.layout,
-            chunk_size=self.loss_chunk_size, logits_dtype=self.config.logits_dtype, **knobs)
-      else:
-        project = decoder_lib.vocab_projection(self.config, params, real_size)
-        loss, aux = losses.compute_loss_chunked(
-            hidden, project, targets, weights, segment_ids, layout=self.layout,
-            chunk_size=self.loss_chunk_size, **knobs)
+      loss, aux = self.chunked_loss(params, hidden, batch, denominators)
     aux = dict(aux, num_target_tokens=jnp.sum(batch["decoder_loss_weights"] > 0))
     return loss, aux
+
+  def chunked_loss(self, params: Any, hidden: jax.Array, batch: Batch,
+                   denominators: Optional[Mapping[str, jax.Array]] = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The output projection and loss from the decoder's final hidden states
+    ``[B, L, E]``, ``loss_chunk_size`` positions at a time (``loss_backward``
+    decides how its gradient is made); ``loss_fn``'s last part, on its own so
+    that it can be timed alone (``benchmarks/accelerator_step.py --breakdown``).
+    """
+    if self.loss_chunk_size is None:
+      raise ValueError("SpeechTextLM.chunked_loss needs loss_chunk_size")
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    segment_ids = batch.get("decoder_segment_ids")
+    knobs = dict(self.loss_config.knobs(), denominators=denominators)
+    real_size = self.layout.real_size
+    if self.loss_backward == "in_forward":
+      table = decoder_lib.vocab_table(self.config, params, real_size)
+      return fused_loss.compute_loss_fused(
+          hidden, table, targets, weights, segment_ids, layout=self.layout,
+          chunk_size=self.loss_chunk_size, logits_dtype=self.config.logits_dtype, **knobs)
+    project = decoder_lib.vocab_projection(self.config, params, real_size)
+    return losses.compute_loss_chunked(
+        hidden, project, targets, weights, segment_ids, layout=self.layout,
+        chunk_size=self.loss_chunk_size, **knobs)
 
   def _dropout_key(self, key: jax.Array) -> jax.Array:
     """``key`` itself (threefry), or a key of ``dropout_rng_impl`` drawn from it."""

@@ -54,6 +54,11 @@ def fixture_run_dir(tmp_path):
       "reference_f32_fwd_bwd_ms": 4.9, "cudnn_packed_host_by4_fwd_bwd_ms": 0.6,
       "cudnn_packed_host_by4_relative_error": {"out": 0.003, "dq": 0.006},
       "cudnn_dense_mask_error": "RuntimeError: cuDNN is not detected."})
+  _write(tmp_path, "jax_breakdown.json", {"results": [dict(
+      _jax("gpt2_medium", "sld", "packed", 0.100, 0.40, 25.0),
+      breakdown_ms={"step": 100.0, "gradients": 96.0, "forward": 30.0, "backward": 66.0,
+                    "loss_pass": 12.0, "decoder_without_loss": 84.0,
+                    "optimizer_and_metrics": 4.0})]})
   _write(tmp_path, "profile_gpt2_medium_sld_packed.json", {
       "steps": 2, "categories_ms_per_step": {"matmul": 60.0, "attention": 20.0,
                                              "other fusions and kernels": 20.0},
@@ -104,6 +109,7 @@ def test_report_has_every_section(run_dir):
   assert "| gpt2_medium | sld_jax `packed` | 100.0 | 163,840 | 40.0% | 25.0 |" in text
   assert "| cudnn_packed_host_by4 | 0.60 | 0.60% |" in text
   assert "| matmul | 60.0 | 60% |" in text and "| all | 100.0 | |" in text
+  assert "| loss_pass | 12.0 | 12% |" in text and "| optimizer_and_metrics | 4.0 | 4% |" in text
   assert "cudnn_dense_mask" not in text            # an error, not a time
   assert "- jax_more.json: gpt2_medium sld cudnn: exit 1: boom" in text
   assert "- torch_compile.json: gpt2_small compile: RuntimeError: out of time" in text
@@ -123,7 +129,8 @@ def test_profile_categories_go_by_the_kernel_first(op, kernel, want):
 
 def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
   """gpu_step_comparison.sh, the one call a lent GPU gets, dry-run at tiny
-  sizes: stages 2 (sld_jax packed), 4 (Multimodal CE) and 5 (the profile)
+  sizes: stages 2 (sld_jax packed), 4 (Multimodal CE) and 5 (the step's
+  parts timed alone, and the profile)
   leave their files and a report with no failed configuration. A renamed
   flag or a broken stage shows here, not in the GPU lease."""
   repo = pathlib.Path(__file__).resolve().parent.parent
@@ -141,11 +148,13 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
                              env=environment, capture_output=True, text=True, timeout=600,
                              check=False)
   assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
-  for name in ("jax_main.json", "jax_mce.json", "profile_tiny_sld_packed.json",
+  for name in ("jax_main.json", "jax_mce.json", "jax_breakdown.json",
+               "profile_tiny_sld_packed.json",
                "trace.xplane.pb", "report.md"):
     assert (out / name).exists(), name
   report = (out / "report.md").read_text()
   assert "did not finish" not in report, report
   assert "| tiny | sld_jax `packed` |" in report
+  assert "| loss_pass |" in report and "| optimizer_and_metrics |" in report
   mce = json.loads((out / "jax_mce.json").read_text())["results"][0]
   assert mce["method"] == "multimodal_ce" and mce["step_seconds"] > 0

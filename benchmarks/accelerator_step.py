@@ -60,7 +60,7 @@ the attention implementations alone; ``--breakdown`` times the step's parts alon
 optimizer and the backward pass by difference), a profile that needs no
 profiler; ``--profile DIR`` traces 2 steps of
 each configuration and summarises where the device time went
-(``profile_summary.py``; lean tracer options, 2 steps). ``--xla_flags``
+(``profile_summary.py``; lean tracer options). ``--xla_flags``
 runs the configurations' processes with those XLA flags added to
 ``XLA_FLAGS`` (e.g. ``--xla_gpu_enable_triton_gemm=false``), recorded in each
 result.

@@ -223,6 +223,10 @@ def report(directory: str) -> str:
   lines += [f"| {r['size']} | {r['implementation']} | {r['step_ms']:.1f} | "
             f"{r['tokens_per_second']:,.0f} | {_number(r['mfu'], '.1%')} | "
             f"{_number(r['peak_gib'], '.1f')} |" for r in comparison_rows(directory)]
+  lines += ["", "MFU: PaLM's model FLOPs (`6 N + 12 L d S` per token, the same count on "
+            "both sides) against the datasheet's 989 TFLOP/s. Peak: the largest device "
+            "memory in use, `peak_bytes_in_use` of sld_jax's process (one configuration "
+            "each), `torch.cuda.max_memory_allocated` for PyTorch."]
   lines += ["", "### Issue #13's goals", "", "| goal | measured | |", "|---|---|---|"]
   lines += [f"| {goal} | {measured} | {verdict} |" for goal, measured, verdict in goals(directory)]
   levers = lever_rows(directory)

@@ -43,6 +43,7 @@ class Mutation:
 
 M = Mutation
 LOSSES = ("tests/test_losses.py",)
+FUSED = ("tests/test_fused_paths.py",)
 DECODER = ("tests/test_decoder.py",)
 DECODING = ("tests/test_decoding.py",)
 WER = ("tests/test_wer.py",)
@@ -181,6 +182,27 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("tasks/shuffle_off", "tasks/batches.py",
       "use_cached=False, shuffle=shuffle,", "use_cached=False, shuffle=False,",
       ("tests/test_tasks.py",), "get_dataset never shuffles"),
+    M("losses/argmax_ties_to_units", "sld_jax/losses.py",
+      "jnp.max(unit_logits, axis=-1) > jnp.max(text_logits, axis=-1)",
+      "jnp.max(unit_logits, axis=-1) >= jnp.max(text_logits, axis=-1)", LOSSES,
+      "a tie between the text and unit maxima counts the unit as the argmax"),
+    M("fused/kl_gradient_misses_unit_0", "sld_jax/fused_loss.py",
+      "is_unit_column = column >= offset", "is_unit_column = column > offset", FUSED,
+      "the in-forward KL gradient skips the first unit's column"),
+    M("fused/off_unit_targets_class_1", "sld_jax/fused_loss.py",
+      "class_column = jnp.where(is_unit_target, targets, offset)",
+      "class_column = jnp.where(is_unit_target, targets, offset + 1)", FUSED,
+      "the KL gradient of non-unit targets puts p_true on unit 1, not unit 0"),
+    M("fused/kl_gradient_without_temperature", "sld_jax/fused_loss.py",
+      "kl[..., None] / t * (total * p_units - target)",
+      "kl[..., None] * (total * p_units - target)", FUSED,
+      "the in-forward KL gradient is not divided by T"),
+    M("fused/one_hot_shifted", "sld_jax/fused_loss.py",
+      "- (column == targets[..., None]))", "- (column == targets[..., None] + 1))", FUSED,
+      "the in-forward CE gradient subtracts the next id's one-hot"),
+    M("packed/slot_multiple_ignored", "sld_jax/lm.py",
+      "self.config.segment_slot_multiple)", "0)", ("tests/test_packed_attention.py",),
+      "the host declares power-of-two slots whatever segment_slot_multiple says"),
 )
 
 

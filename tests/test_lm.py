@@ -72,10 +72,13 @@ def test_training_loss_feeds_the_mask_id_and_keeps_targets():
     _tiny(time_mask_symbol="pad")
 
 
+@pytest.mark.parametrize("method", ["sld", "multimodal_ce", "loss_masking"])
 @pytest.mark.parametrize("kl_target", ["paper", "reference"])
 @pytest.mark.parametrize("kl_normalization", ["sequence", "token"])
-def test_sums_and_counts_follow_the_kl_normalisation(kl_target, kl_normalization):
-  model = _tiny(loss_config=losses.LossConfig(kl_target=kl_target,
+def test_sums_and_counts_follow_the_kl_normalisation(method, kl_target, kl_normalization):
+  """The reported loss (rebuilt from summed metrics) is the objective, for
+  every objective; the counts are those of the KL normalisation."""
+  model = _tiny(loss_config=losses.LossConfig(method=method, kl_target=kl_target,
                                               kl_normalization=kl_normalization))
   params = nn.meta.unbox(model.init_params(jax.random.key(2)))
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}

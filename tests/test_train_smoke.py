@@ -84,8 +84,13 @@ def _check_seqio_batches_follow_the_step() -> None:
   assert source.layout.speech_size == 128
   first = [batch for _, batch in zip(range(4), source.batches(0))]
   resumed = next(source.batches(3))
+  # Step 0 is the dataset's first batch: an independent anchor, since an
+  # off-by-one in batches() would shift the resumed and the first run alike.
+  dataset_first = next(source._dataset(0, 1, pack=source.pack, shuffle=source.shuffle,  # pylint: disable=protected-access
+                                       num_epochs=None).as_numpy_iterator())
   for name in input_pipeline.FEATURES:
     np.testing.assert_array_equal(resumed[name], first[3][name])
+    np.testing.assert_array_equal(first[0][name], dataset_first[name])
     assert first[0][name].shape == (4, 256)
   assert not np.array_equal(first[0]["decoder_target_tokens"], first[1]["decoder_target_tokens"])
 

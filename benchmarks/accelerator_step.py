@@ -95,19 +95,23 @@ from sld_jax import atomic_files  # pylint: disable=g-import-not-at-top
 from sld_jax.vocab import VocabLayout  # pylint: disable=g-import-not-at-top
 
 
+def median_ms(function, *arguments, repeats: int) -> float:
+  """Median wall time of ``function(*arguments)``, blocked, after one call that compiles."""
+  jax.block_until_ready(function(*arguments))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(function(*arguments))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
 def measured_matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
   """Median bf16 ``[size, size] @ [size, size]`` rate on the default device."""
   keys = jax.random.split(jax.random.key(0))
   a = jax.random.normal(keys[0], (size, size), jnp.bfloat16)
   b = jax.random.normal(keys[1], (size, size), jnp.bfloat16)
-  matmul = jax.jit(jnp.dot)
-  matmul(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / statistics.median(times) / 1e12
+  return 2 * size**3 / (median_ms(jax.jit(jnp.dot), a, b, repeats=repeats) / 1e3) / 1e12
 
 
 def model_flops_per_token(params: Any, num_layers: int, embed_dim: int,
@@ -266,16 +270,6 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
   return result
 
 
-def _median_ms(function, *arguments, repeats: int) -> float:
-  jax.block_until_ready(function(*arguments))          # compiles
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(function(*arguments))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
 def breakdown_ms(trainer, params, batch, repeats: int) -> dict[str, float]:
   """Where the step's time goes, by timing its parts alone (no profiler).
 
@@ -294,9 +288,9 @@ def breakdown_ms(trainer, params, batch, repeats: int) -> dict[str, float]:
   parts = {}
   with trainer.context():
     gradients = jax.jit(jax.grad(model.microbatch_objective, has_aux=True))
-    parts["gradients"] = _median_ms(gradients, params, batch, key, totals, repeats=repeats)
+    parts["gradients"] = median_ms(gradients, params, batch, key, totals, repeats=repeats)
     forward = jax.jit(lambda params, batch, key: model.loss_fn(params, batch, key)[0])
-    parts["forward"] = _median_ms(forward, params, batch, key, repeats=repeats)
+    parts["forward"] = median_ms(forward, params, batch, key, repeats=repeats)
     if model.loss_chunk_size is not None:
       config = model.config
       hidden = jax.random.normal(key, batch["decoder_input_tokens"].shape + (config.embed_dim,),
@@ -304,7 +298,7 @@ def breakdown_ms(trainer, params, batch, repeats: int) -> dict[str, float]:
       loss_pass = jax.jit(jax.value_and_grad(
           lambda hidden, params: model.chunked_loss(params, hidden, batch, totals)[0],
           argnums=(0, 1)))
-      parts["loss_pass"] = _median_ms(loss_pass, hidden, params, repeats=repeats)
+      parts["loss_pass"] = median_ms(loss_pass, hidden, params, repeats=repeats)
       parts["decoder_without_loss"] = parts["gradients"] - parts["loss_pass"]
   parts["backward"] = parts["gradients"] - parts["forward"]
   return parts
@@ -402,12 +396,7 @@ def check_attention(args) -> dict[str, Any]:
       forward = jax.jit(attend)
       both = jax.jit(jax.value_and_grad(loss_of(attend), argnums=(0, 1, 2)))
       outputs[name] = (forward(q, k, v), both(q, k, v)[1])
-      times = []
-      for _ in range(20):
-        start = time.perf_counter()
-        jax.block_until_ready(both(q, k, v))
-        times.append(time.perf_counter() - start)
-      result[f"{name}_fwd_bwd_ms"] = 1e3 * statistics.median(times)
+      result[f"{name}_fwd_bwd_ms"] = median_ms(both, q, k, v, repeats=20)
     except Exception as error:  # pylint: disable=broad-except  (report, go on)
       result[f"{name}_error"] = f"{type(error).__name__}: {error}"[:1500]
   want_out, want_grads = outputs["reference_f32"]

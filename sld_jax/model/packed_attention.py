@@ -77,9 +77,13 @@ def _host_starts(segment_ids: np.ndarray) -> np.ndarray:
   return starts
 
 
+def _most_segments(starts: np.ndarray) -> int:
+  return int(starts.sum(axis=1).max(initial=1))
+
+
 def host_segment_count(segment_ids: np.ndarray) -> int:
   """The most segments (padding included) of any row; ``[[1 1 2 0]] -> 3``."""
-  return int(_host_starts(np.asarray(segment_ids)).sum(axis=1).max(initial=1))
+  return _most_segments(_host_starts(np.asarray(segment_ids)))
 
 
 def host_segment_starts(segment_ids: np.ndarray, slots: int | None = None) -> np.ndarray:
@@ -90,7 +94,7 @@ def host_segment_starts(segment_ids: np.ndarray, slots: int | None = None) -> np
   """
   segment_ids = np.asarray(segment_ids)
   starts = _host_starts(segment_ids)
-  count = int(starts.sum(axis=1).max(initial=1))
+  count = _most_segments(starts)
   slots = slots_for(count) if slots is None else slots
   if count > slots:
     raise ValueError(f"host_segment_starts: a row has {count} segments, more than the "

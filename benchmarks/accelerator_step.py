@@ -251,10 +251,8 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
                         + memory.output_size_in_bytes - memory.alias_size_in_bytes,
   }
   if args.breakdown:
-    result["breakdown_ms"] = breakdown_ms(trainer, state.params, device_batches[2], args.steps)
-    result["breakdown_ms"]["step"] = 1e3 * step
-    result["breakdown_ms"]["optimizer_and_metrics"] = (
-        1e3 * step - result["breakdown_ms"]["gradients"])
+    result["breakdown_ms"] = breakdown_ms(trainer, state.params, device_batches[2], args.steps,
+                                          step_ms=1e3 * step)
   if args.profile:
     trace_dir = os.path.join(args.profile, f"trace_{size}_{method}_{variant}")
     traced = device_batches[2:2 + PROFILED_STEPS]
@@ -270,7 +268,7 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
   return result
 
 
-def breakdown_ms(trainer, params, batch, repeats: int) -> dict[str, float]:
+def breakdown_ms(trainer, params, batch, repeats: int, step_ms: float) -> dict[str, float]:
   """Where the step's time goes, by timing its parts alone (no profiler).
 
   ``gradients``: the objective's forward and backward pass (the step without
@@ -280,7 +278,8 @@ def breakdown_ms(trainer, params, batch, repeats: int) -> dict[str, float]:
   (``SpeechTextLM.chunked_loss``; the gradients of the parameters it does
   not read are zeros it writes). Derived: ``optimizer_and_metrics`` = step -
   gradients, ``backward`` = gradients - forward, ``decoder_without_loss`` =
-  gradients - loss_pass. Each part compiles once more.
+  gradients - loss_pass (``step_ms``: the whole step, timed by the caller).
+  Each part compiles once more.
   """
   model = trainer.model
   key = jax.random.key(0)
@@ -301,6 +300,8 @@ def breakdown_ms(trainer, params, batch, repeats: int) -> dict[str, float]:
       parts["loss_pass"] = median_ms(loss_pass, hidden, params, repeats=repeats)
       parts["decoder_without_loss"] = parts["gradients"] - parts["loss_pass"]
   parts["backward"] = parts["gradients"] - parts["forward"]
+  parts["step"] = step_ms
+  parts["optimizer_and_metrics"] = step_ms - parts["gradients"]
   return parts
 
 

@@ -73,9 +73,12 @@ def compute_loss_fused(hidden, table, targets, weights, segment_ids=None, *,
 
   Args:
     hidden: ``[B, L, E]`` final-norm outputs of the decoder.
-    table: ``[layout.real_size, E]`` output rows of the real vocabulary
-      (``decoder.vocab_table``); logits are ``hidden @ table.T`` in
-      ``logits_dtype`` with float32 accumulation, as ``decoder.vocab_projection``.
+    table: ``[V, E]`` output rows, ``V >= layout.real_size``
+      (``decoder.vocab_table``; the whole table, ``layout.size`` rows, keeps
+      the products' width a multiple of 128); logits are ``hidden @ table.T``
+      in ``logits_dtype`` with float32 accumulation, as
+      ``decoder.vocab_projection``. Rows from ``real_size`` on are left out
+      of every softmax (``losses.token_terms``) and get a zero gradient.
     chunk_size: positions per chunk, > 0.
     (the rest as ``losses.compute_loss``).
 
@@ -86,10 +89,11 @@ def compute_loss_fused(hidden, table, targets, weights, segment_ids=None, *,
                kl_target=kl_target, kl_normalization=kl_normalization)
   losses.check_hyperparameters(**knobs, where="compute_loss_fused")
   losses.check_chunk_size(chunk_size, hidden, targets, "compute_loss_fused")
-  if table.ndim != 2 or table.shape != (layout.real_size, hidden.shape[-1]):
+  if (table.ndim != 2 or table.shape[0] < layout.real_size
+      or table.shape[1] != hidden.shape[-1]):
     raise ValueError(
-        f"compute_loss_fused: table must be [real_size, E] = "
-        f"{(layout.real_size, hidden.shape[-1])}, got {tuple(table.shape)}")
+        f"compute_loss_fused: table must be [V, E] with V >= real_size = "
+        f"{layout.real_size} and E = {hidden.shape[-1]}, got {tuple(table.shape)}")
   p_true, p_other = losses.kl_target_probs(layout, epsilon, temperature, kl_target)
   spec = _Pass(layout=layout, chunk_size=chunk_size, temperature=float(temperature),
                with_kl=method == "sld", p_true=p_true, p_other=p_other,
@@ -111,22 +115,25 @@ def _logits_gradient(spec: _Pass, logits, targets, terms, ce, kl):
   an iota, not by slicing and updating the unit columns), so that it fuses
   into one pass that reads the logits once; the normalisers come from the
   terms: ``log sum exp = nll + logit(y)``, and over the K units at
-  temperature T ``class_logit / T - log_p_class``.
+  temperature T ``class_logit / T - log_p_class``. Columns from
+  ``real_size`` on (the rounding ids) get zero.
   """
   layout, t = spec.layout, spec.temperature
   offset, num_units = layout.speech_offset, layout.speech_size
   safe_targets = jnp.clip(targets, 0, layout.real_size - 1)       # as token_terms reads them
   target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
   column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  is_real_column = column < layout.real_size
   log_normalizer = terms["nll"] + target_logit
-  dlogits = ce[..., None] * (jnp.exp(logits - log_normalizer[..., None])
-                             - (column == targets[..., None]))
+  dlogits = ce[..., None] * (
+      jnp.exp(jnp.where(is_real_column, logits - log_normalizer[..., None], -jnp.inf))
+      - ((column == targets[..., None]) & is_real_column))
   if not spec.with_kl:
     return dlogits
   is_unit_target = layout.is_unit(targets)
   class_logit = jnp.where(is_unit_target, target_logit, logits[..., offset])
   unit_log_normalizer = class_logit / t - terms["log_p_class"]
-  is_unit_column = column >= offset
+  is_unit_column = (column >= offset) & is_real_column
   p_units = jnp.exp(jnp.where(is_unit_column, logits / t - unit_log_normalizer[..., None],
                               -jnp.inf))
   # The two-valued target: p_true at the unit class (unit 0 off unit targets).

@@ -229,13 +229,15 @@ class SpeechTextLM:
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     segment_ids = batch.get("decoder_segment_ids")
     knobs = dict(self.loss_config.knobs(), denominators=denominators)
-    real_size = self.layout.real_size
+    # The whole table (layout.size rows, a multiple of 128): the products keep
+    # an aligned width, and the loss leaves the rounding ids out.
+    rows = self.layout.size
     if self.loss_backward == "in_forward":
-      table = decoder_lib.vocab_table(self.config, params, real_size)
+      table = decoder_lib.vocab_table(self.config, params, rows)
       return fused_loss.compute_loss_fused(
           hidden, table, targets, weights, segment_ids, layout=self.layout,
           chunk_size=self.loss_chunk_size, logits_dtype=self.config.logits_dtype, **knobs)
-    project = decoder_lib.vocab_projection(self.config, params, real_size)
+    project = decoder_lib.vocab_projection(self.config, params, rows)
     return losses.compute_loss_chunked(
         hidden, project, targets, weights, segment_ids, layout=self.layout,
         chunk_size=self.loss_chunk_size, **knobs)

@@ -337,21 +337,22 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
                         kl_normalization, "compute_loss")
   _check_shapes(logits, targets, weights, segment_ids, layout)
 
-  dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  # Static slice to the real vocabulary: rounding ids leave every softmax.
-  real_logits = logits[..., :layout.real_size].astype(dtype)
-  terms = token_terms(real_logits, targets, layout, temperature, with_kl=method == "sld")
+  # token_terms leaves the rounding ids out of every softmax.
+  terms = token_terms(logits, targets, layout, temperature, with_kl=method == "sld")
   return objective_from_terms(terms, targets, weights, segment_ids, layout=layout,
                               method=method, alpha=alpha, epsilon=epsilon,
                               temperature=temperature, kl_target=kl_target,
                               kl_normalization=kl_normalization, denominators=denominators)
 
 
-def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 1.0,
+def token_terms(logits, targets, layout: VocabLayout, temperature: float = 1.0,
                 with_kl: bool = True) -> dict[str, jax.Array]:
   """The per-token quantities every objective is made of, ``[B, L]`` each.
 
-  ``real_logits [B, L, layout.real_size]`` (rounding ids already sliced off)::
+  ``logits [B, L, V]`` with ``V >= layout.real_size``: columns from
+  ``real_size`` on (the rounding ids) are left out of every softmax, so a
+  chunked pass may project onto the whole table, whose row count is a
+  multiple of 128 (``layout.size``), rather than slice it to an odd width::
 
     nll          -log p(y) under the softmax over the real vocabulary
     correct      argmax over the real vocabulary == y (no gradient)
@@ -362,17 +363,20 @@ def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 
   Nothing here reads the weights, so the terms of a row can be computed in
   chunks of positions (``compute_loss_chunked``) and joined.
   """
-  dtype = jnp.promote_types(real_logits.dtype, jnp.float32)
-  real_logits = real_logits.astype(dtype)
+  if logits.shape[-1] < layout.real_size:
+    raise ValueError(f"token_terms: logits have {logits.shape[-1]} columns, fewer than the "
+                     f"real vocabulary's {layout.real_size}")
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  logits = logits.astype(dtype)
   offset, num_units = layout.speech_offset, layout.speech_size
-  text_logits, unit_logits = real_logits[..., :offset], real_logits[..., offset:]
+  text_logits, unit_logits = logits[..., :offset], logits[..., offset:layout.real_size]
   # Every reduction is over the text part or the unit part, so that those
   # over one part can share a pass over it; the unit part serves the KL.
   lse_units = jax.nn.logsumexp(unit_logits, axis=-1)              # [B, L]
   lse = jnp.logaddexp(jax.nn.logsumexp(text_logits, axis=-1), lse_units)
   safe_targets = jnp.clip(targets, 0, layout.real_size - 1).astype(jnp.int32)
   target_logit = jnp.take_along_axis(
-      real_logits, safe_targets[..., None], axis=-1)[..., 0]      # [B, L]
+      logits, safe_targets[..., None], axis=-1)[..., 0]           # [B, L]
   # argmax over the real vocabulary (the first of equal maxima: text first).
   argmax = jnp.where(jnp.max(unit_logits, axis=-1) > jnp.max(text_logits, axis=-1),
                      offset + jnp.argmax(unit_logits, axis=-1), jnp.argmax(text_logits, axis=-1))
@@ -385,7 +389,7 @@ def token_terms(real_logits, targets, layout: VocabLayout, temperature: float = 
     scaled_lse = lse_units if t == 1.0 else jax.nn.logsumexp(unit_logits / t, axis=-1)
     terms["sum_log_p"] = jnp.sum(unit_logits, axis=-1) / t - num_units * scaled_lse
     # Unit targets read their own logit; others use unit class 0 (reference).
-    class_logit = jnp.where(layout.is_unit(targets), target_logit, real_logits[..., offset])
+    class_logit = jnp.where(layout.is_unit(targets), target_logit, logits[..., offset])
     terms["log_p_class"] = class_logit / t - scaled_lse
   return terms
 
@@ -563,7 +567,8 @@ def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targ
   """``compute_loss`` from the last hidden states, never holding ``[B, L, V]`` logits.
 
   The positions of every row are cut into chunks of ``chunk_size``; each
-  chunk is projected (``project(h [B, C, E]) -> float32 [B, C, real_size]``),
+  chunk is projected (``project(h [B, C, E]) -> float32 [B, C, V]``, ``V >=
+  real_size``; the rounding ids are left out as in ``token_terms``),
   reduced to its ``token_terms`` and dropped. The chunk function is
   rematerialised (``jax.checkpoint``), so the backward pass recomputes one
   chunk's logits at a time too: peak logits memory is ``B x C x V`` instead
@@ -575,8 +580,9 @@ def compute_loss_chunked(hidden, project: Callable[[jax.Array], jax.Array], targ
 
   Args:
     hidden: ``[B, L, E]`` final-norm outputs of the decoder.
-    project: the output layer restricted to the real vocabulary, e.g.
-      ``decoder.vocab_projection(config, params, layout.real_size)``.
+    project: the output layer, e.g. ``decoder.vocab_projection(config,
+      params, layout.size)`` (the whole table: its row count is a multiple of
+      128, which GEMMs tile well; ``layout.real_size`` rows work too).
     chunk_size: positions per chunk, > 0.
     (the rest as ``compute_loss``).
   """

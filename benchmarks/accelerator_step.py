@@ -72,6 +72,7 @@ script; its MFU there is meaningless.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -90,6 +91,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+import compile_only_gpu  # pylint: disable=g-import-not-at-top
+import hlo_roofline  # pylint: disable=g-import-not-at-top
 import train_throughput  # pylint: disable=g-import-not-at-top
 from sld_jax import atomic_files  # pylint: disable=g-import-not-at-top
 from sld_jax.vocab import VocabLayout  # pylint: disable=g-import-not-at-top
@@ -144,14 +147,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 _GPU_ONLY_ATTENTION = ("cudnn", "cudnn_packed")
 
 
-def variant_options(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """``(DecoderConfig overrides, SpeechTextLM options)``; cuDNN becomes "xla" off GPUs."""
+def variant_options(name: str, platform: Optional[str] = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(DecoderConfig overrides, SpeechTextLM options)``; cuDNN becomes "xla" off GPUs.
+
+  ``platform``: the platform compiled for (``jax.default_backend()`` by default).
+  """
   if name not in VARIANTS:
     raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
   options = dict(VARIANTS[name])
   overrides = dict(options.pop("decoder"))
   if (overrides.get("attention_implementation") in _GPU_ONLY_ATTENTION
-      and jax.default_backend() != "gpu"):
+      and (platform or jax.default_backend()) != "gpu"):
     overrides["attention_implementation"] = "xla"
   return overrides, options
 
@@ -165,12 +172,13 @@ def _batches(layout: VocabLayout, args) -> list[dict[str, np.ndarray]]:
           for _ in range(args.steps + 2)]
 
 
-def _trainer(size: str, method: str, variant: str, layout: VocabLayout, args):
-  overrides, options = variant_options(variant)
+def _trainer(size: str, method: str, variant: str, layout: VocabLayout, args,
+             device: Optional[jax.Device] = None):
+  overrides, options = variant_options(variant, device.platform if device else None)
   return train_throughput.build_sld_jax_trainer(
       size, layout, args.length, method=method, dtype=args.dtype, remat=args.remat,
-      remat_policy=args.remat_policy,
-      scan_layers=args.scan_layers, **options, **overrides)
+      remat_policy=args.remat_policy, scan_layers=args.scan_layers,
+      devices=[device] if device else None, **options, **overrides)
 
 
 def _with_host_features(trainer, batches: list[dict[str, np.ndarray]]
@@ -186,25 +194,57 @@ def _with_host_features(trainer, batches: list[dict[str, np.ndarray]]
   return [dict(trainer.model.host_features(b, slots=slots)) for b in batches]
 
 
-def analyse_size(size: str, method: str, variant: str, args) -> dict[str, Any]:
-  """XLA's memory and cost analysis of the compiled step; nothing is run."""
+def analyse_size(size: str, method: str, variant: str, args,
+                 device: Optional[jax.Device] = None) -> dict[str, Any]:
+  """XLA's memory and cost analysis of the compiled step; nothing is run.
+
+  ``device``: what to compile for (``compile_only_gpu.compile_only_device``
+  for ``--target``; this process's first device by default). With
+  ``args.hlo_dir`` the optimized program is written there and read by
+  ``hlo_roofline`` (the step's roofline time and where its bytes go).
+  """
   layout = VocabLayout(args.text_size, args.speech_size)
-  trainer = _trainer(size, method, variant, layout, args)
+  trainer = _trainer(size, method, variant, layout, args, device)
   batch = _with_host_features(trainer, _batches(layout, args))[0]
   start = time.perf_counter()
-  compiled = trainer.lower_train_step(batch).compile()
+  capability = (compile_only_gpu.cudnn_capability_of(device) if device is not None
+                and device.platform == "gpu" else contextlib.nullcontext())
+  with capability:
+    compiled = trainer.lower_train_step(batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {
+  result = {
       "size": size, "method": method, "variant": variant, "dtype": args.dtype,
       "rows": args.rows, "length": args.length, "vocab": layout.size,
+      "device": (device or jax.devices()[0]).device_kind,
       "compile_seconds": time.perf_counter() - start,
       "temp_bytes": memory.temp_size_in_bytes,
       "argument_bytes": memory.argument_size_in_bytes,
       "output_bytes": memory.output_size_in_bytes,
+      "compiled_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
+                        + memory.output_size_in_bytes - memory.alias_size_in_bytes,
       "hlo_flops": (cost or {}).get("flops"),
   }
+  if args.hlo_dir:
+    os.makedirs(args.hlo_dir, exist_ok=True)
+    path = os.path.join(args.hlo_dir, f"{size}_{method}_{variant}.hlo")
+    text = compiled.as_text()
+    atomic_files.write_text(path, text)
+    summary = hlo_roofline.summarize(hlo_roofline.kernels(text), args.datasheet_tflops,
+                                     args.hbm_tb_s)
+    atomic_files.write_text(path[:-len(".hlo")] + "_roofline.md", hlo_roofline.markdown(summary))
+    state = trainer.abstract_state
+    flops_per_token, _ = model_flops_per_token(
+        state.params, trainer.model.config.num_layers, trainer.model.config.embed_dim,
+        args.length)
+    result.update(
+        hlo=path, roofline_ms=summary["roofline_ms"], kernels=summary["kernels"],
+        roofline_gigabytes=summary["gigabytes"],
+        roofline_ms_by_category={k: v["roofline_ms"] for k, v in summary["categories"].items()},
+        mfu_bound=flops_per_token * args.rows * args.length
+        / (summary["roofline_ms"] * 1e-3) / (args.datasheet_tflops * 1e12))
+  return result
 
 
 def time_size(size: str, method: str, args, variant: str = "reference") -> dict[str, Any]:
@@ -467,6 +507,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--variants", nargs="+", default=["packed"], choices=sorted(VARIANTS))
   parser.add_argument("--memory_only", action="store_true",
                       help="compile each step and print XLA's memory/cost analysis, run nothing")
+  parser.add_argument("--target", default=None, choices=sorted(compile_only_gpu.TARGETS),
+                      help="with --memory_only: compile for this GPU without one "
+                           "(compile_only_gpu.py; needs jax's CUDA plugin)")
+  parser.add_argument("--hlo_dir", default=None,
+                      help="with --memory_only: write each optimized program there, with "
+                           "its roofline (hlo_roofline.py)")
+  parser.add_argument("--hbm_tb_s", type=float, default=4.8,
+                      help="memory bandwidth for the roofline (H200: 4.8 TB/s)")
   parser.add_argument("--check_attention", action="store_true",
                       help="compare and time the attention implementations, then stop")
   parser.add_argument("--in_process", action="store_true",
@@ -506,9 +554,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     return
   configurations = [(size, method, variant) for size in args.sizes
                     for method in args.methods for variant in args.variants]
+  if (args.target or args.hlo_dir) and not args.memory_only:
+    parser.error("--target and --hlo_dir go with --memory_only")
   if args.memory_only:
+    device = compile_only_gpu.compile_only_device(args.target) if args.target else None
+    results = []
     for size, method, variant in configurations:
-      print(json.dumps(analyse_size(size, method, variant, args)), flush=True)
+      results.append(analyse_size(size, method, variant, args, device))
+      print(json.dumps(results[-1]), flush=True)
+      _write(args.out, {"results": results})
     return
   if args.in_process:
     for size, method, variant in configurations:

@@ -220,8 +220,13 @@ def build_sld_jax_trainer(size: str, layout: VocabLayout, block_size: int, metho
                           kl_target: str = "reference", time_mask_prob: float = 0.3,
                           total_steps: int = 1000, loss_chunk_size=None,
                           loss_backward: str = "recompute",
-                          dropout_rng_impl: str = "threefry2x32", **config_overrides):
-  """A single-device ``Trainer`` with the released recipe (AdamW 3e-4, linear)."""
+                          dropout_rng_impl: str = "threefry2x32", devices=None,
+                          **config_overrides):
+  """A single-device ``Trainer`` with the released recipe (AdamW 3e-4, linear).
+
+  ``devices``: the mesh's device (first of ``jax.devices()`` by default; a
+  compile-only device for ``accelerator_step.py --target``).
+  """
   import functools  # pylint: disable=g-import-not-at-top
   from sld_jax import losses, optim, partitioning  # pylint: disable=g-import-not-at-top
   from sld_jax.lm import SpeechTextLM  # pylint: disable=g-import-not-at-top
@@ -236,7 +241,7 @@ def build_sld_jax_trainer(size: str, layout: VocabLayout, block_size: int, metho
       loss_backward=loss_backward, dropout_rng_impl=dropout_rng_impl)
   schedule = optim.learning_rate_schedule(total_steps=total_steps, kind="linear",
                                           peak_value=3e-4)
-  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+  mesh = partitioning.make_mesh(devices=(jax.devices() if devices is None else devices)[:1])
   return Trainer(model, optim.make_optimizer(learning_rate=schedule), schedule, mesh)
 
 

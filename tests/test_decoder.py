@@ -371,3 +371,40 @@ def test_bfloat16_config_runs_its_matmuls_in_bfloat16(name):
   assert len(in_bf16) == config.num_layers * (4 + 2 + mlp_matmuls), bf16
   assert other == [("float32", "float32")], bf16  # the logits projection
   assert all(d == ("float32", "float32") for d in dots(config)), "float32 config"
+
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_mlp_keeps_only_matmul_outputs_for_its_backward_pass(mlp, capsys):
+  """The activation is recomputed in the backward pass (``layers.Mlp``): of the
+  ``[B, L, M]`` arrays only the projections' products and the activation
+  that feeds the output projection are kept, and the gradients are those of
+  the formula written out."""
+  from jax.ad_checkpoint import print_saved_residuals  # pylint: disable=g-import-not-at-top
+  from sld_jax.model import layers  # pylint: disable=g-import-not-at-top
+  config = TINY.replace(mlp=mlp, dropout_rate=0.0)
+  module = layers.Mlp(config)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 32)), jnp.float32)
+  params = _strip(module.init(jax.random.key(0), x))["params"]
+  params = jax.tree.map(lambda p: p + 0.1, params)           # non-zero biases
+
+  def written_out(params, x):
+    p = params
+    if mlp == "gelu":
+      hidden = jax.nn.gelu(x @ p["wi"]["kernel"] + p["wi"]["bias"], approximate=True)
+      return hidden @ p["wo"]["kernel"] + p["wo"]["bias"]
+    return (jax.nn.silu(x @ p["wi_gate"]["kernel"]) * (x @ p["wi_up"]["kernel"])) @ p["wo"]["kernel"]
+
+  def loss(apply, params, x):
+    return jnp.sum(jnp.sin(apply(params, x)))
+
+  ours = lambda params, x: module.apply({"params": params}, x)
+  np.testing.assert_allclose(ours(params, x), written_out(params, x), rtol=1e-5, atol=1e-6)
+  want = jax.grad(functools.partial(loss, written_out), (0, 1))(params, x)
+  got = jax.grad(functools.partial(loss, ours), (0, 1))(params, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  print_saved_residuals(functools.partial(loss, ours), params, x)
+  kept = [line for line in capsys.readouterr().out.splitlines() if "[2,5,64]" in line]
+  products = 1 if mlp == "gelu" else 2
+  assert len(kept) == products + 1, kept

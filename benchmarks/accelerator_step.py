@@ -247,6 +247,22 @@ def analyse_size(size: str, method: str, variant: str, args,
   return result
 
 
+def memory_table(results: Sequence[dict[str, Any]]) -> str:
+  """``analyse_size`` results as a markdown table (roofline columns with ``--hlo_dir``)."""
+  roofline = all("roofline_ms" in r for r in results)
+  lines = ["| size | method | variant | device | compiled GiB | of which temporaries | "
+           + ("roofline ms | MFU at the roofline | GB moved | kernels |" if roofline else ""),
+           "|---|---|---|---|---|---|" + ("---|---|---|---|" if roofline else "")]
+  for r in results:
+    line = (f"| {r['size']} | {r['method']} | {r['variant']} | {r['device']} | "
+            f"{r['compiled_bytes'] / 2**30:.1f} | {r['temp_bytes'] / 2**30:.1f} |")
+    if roofline:
+      line += (f" {r['roofline_ms']:.1f} | {100 * r['mfu_bound']:.1f}% | "
+               f"{r['roofline_gigabytes']:.1f} | {r['kernels']} |")
+    lines.append(line)
+  return "\n".join(lines)
+
+
 def time_size(size: str, method: str, args, variant: str = "reference") -> dict[str, Any]:
   """Compiles the step once (ahead of time), then times ``args.steps`` steps."""
   layout = VocabLayout(args.text_size, args.speech_size)
@@ -563,6 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       results.append(analyse_size(size, method, variant, args, device))
       print(json.dumps(results[-1]), flush=True)
       _write(args.out, {"results": results})
+    print(memory_table(results))
     return
   if args.in_process:
     for size, method, variant in configurations:

@@ -123,7 +123,7 @@ def test_text_without_an_entry_is_refused():
 def test_memory_only_writes_the_program_and_its_roofline(tmp_path):
   """accelerator_step.py --memory_only --hlo_dir on this CPU, a tiny model."""
   out = tmp_path / "aot.json"
-  subprocess.run(
+  run = subprocess.run(
       [sys.executable, os.path.join(BENCHMARKS, "accelerator_step.py"), "--memory_only",
        "--sizes", "tiny", "--variants", "packed", "--rows", "2", "--length", "256",
        "--steps", "1", "--text_size", "300", "--speech_size", "100",
@@ -135,3 +135,5 @@ def test_memory_only_writes_the_program_and_its_roofline(tmp_path):
   assert {"matmul", "loss (elementwise)"} <= set(result["roofline_ms_by_category"])
   assert (tmp_path / "hlo" / "tiny_sld_packed.hlo").stat().st_size > 0
   assert "| matmul |" in (tmp_path / "hlo" / "tiny_sld_packed_roofline.md").read_text()
+  row = next(line for line in run.stdout.splitlines() if line.startswith("| tiny | sld | packed"))
+  assert f"| {result['roofline_ms']:.1f} |" in row

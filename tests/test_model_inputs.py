@@ -150,7 +150,10 @@ def test_prefill_logits_equal_teacher_forced_logits_of_training(task_batches):
       trained = by_targets[key]
       n = int(lengths[row])
       assert prompts[row, 0] == 0 and prompts[row, n - 1] == layout.speech_end_id
-      np.testing.assert_allclose(logits[row, :n], trained[:n], rtol=1e-5, atol=1e-5)
+      # Two programs compiled apart (prefill, training): float32 rounding of
+      # a few ulps of the largest logit; a wrong position or mask is > 0.1.
+      np.testing.assert_allclose(logits[row, :n], trained[:n], rtol=1e-5,
+                                 atol=1e-5 * max(1.0, float(np.abs(trained[:n]).max())))
       # What decoding reads: the next-token logits of the whole prompt (the
       # first text token), through the cached and the uncached paths.
       text = slice(0, layout.text_size)

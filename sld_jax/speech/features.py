@@ -229,6 +229,10 @@ def stack_frames(feats: np.ndarray, k: int) -> np.ndarray:
 # Whisper encoder states (CTranslate2), the strong default discretizer here.
 
 
+# Whisper's encoder takes at most 30 s of log-mel frames at a time.
+WHISPER_CHUNK_FRAMES = 3000
+
+
 def whisper_log_mel(waveform: np.ndarray) -> np.ndarray:
   """Whisper's log-mel input [80, n // 160] for a 16 kHz waveform of n samples.
 
@@ -236,6 +240,12 @@ def whisper_log_mel(waveform: np.ndarray) -> np.ndarray:
   centred STFT (n_fft 400, hop 160, periodic Hann, reflect padding) with the
   last frame dropped, Slaney mel filters, ``log10(max(x, 1e-10))`` clamped to
   ``max - 8``, then ``(x + 4) / 4``.
+
+  The mel filters are applied 30 s (``WHISPER_CHUNK_FRAMES``) at a time, the
+  encoder's chunks: a BLAS product's rounding can depend on its width, and
+  the int8 encoder turns last-bit differences in its input into visible ones
+  (on one CPU, 1.2e-7 in the log-mel gave 1.19 in the states), so each chunk
+  of a long file gets the log-mel its piece would get alone.
   """
   waveform = _check_waveform(waveform, 160, "whisper_log_mel")
   n_fft, hop = 400, 160
@@ -245,7 +255,10 @@ def whisper_log_mel(waveform: np.ndarray) -> np.ndarray:
   frames = _frames(padded, num_frames, n_fft, hop)
   spectrum = np.fft.rfft(frames * _periodic_hann(n_fft), axis=-1)
   power = (spectrum.real ** 2 + spectrum.imag ** 2).astype(np.float32)
-  mel = _whisper_filters() @ power.T
+  filters = _whisper_filters()
+  mel = np.concatenate(
+      [filters @ np.ascontiguousarray(power[start:start + WHISPER_CHUNK_FRAMES].T)
+       for start in range(0, max(num_frames, 1), WHISPER_CHUNK_FRAMES)], axis=1)
   log_spec = np.log10(np.maximum(mel, 1e-10))
   log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
   return ((log_spec + 4.0) / 4.0).astype(np.float32)
@@ -292,7 +305,7 @@ class WhisperEncoderExtractor(FeatureExtractor):
     45 s of audio  -> [80, 3000] + [80, 1500] -> [1500 + 750, 384]
   """
 
-  MAX_FRAMES = 3000
+  MAX_FRAMES = WHISPER_CHUNK_FRAMES
 
   def __init__(self, model_dir: str | None = None, *,
                compute_type: str = "int8", device: str = "cpu",

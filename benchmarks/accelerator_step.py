@@ -45,6 +45,8 @@ model width and ``S`` the row length. Rematerialisation is not counted
                      backward pass (``loss_backward="recompute"``)
   packed_slots_by_4  packed declaring segment slots in multiples of 4
                      (``segment_slot_multiple=4``) instead of powers of two
+  packed_triton      packed with the Pallas Triton flash attention
+                     (``attention_implementation="triton"``) instead of cuDNN
 
 Each configuration runs in its own process (``--in_process`` runs them in
 this one), so that the device's ``peak_bytes_in_use`` is that configuration's
@@ -142,9 +144,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "packed_no_dropout": dict(_PACKED, decoder=dict(_PACKED["decoder"], dropout_rate=0.0)),
     "packed_recompute": dict(_PACKED, loss_backward="recompute"),
     "packed_slots_by_4": dict(_PACKED, decoder=dict(_PACKED["decoder"], segment_slot_multiple=4)),
+    "packed_triton": dict(_PACKED, decoder=dict(_PACKED["decoder"],
+                                                attention_implementation="triton")),
     "xla_fused": dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation="xla")),
 }
-_GPU_ONLY_ATTENTION = ("cudnn", "cudnn_packed")
+# Off GPUs these become "xla" ("triton" would run interpreted, for tests only).
+_GPU_ONLY_ATTENTION = ("cudnn", "cudnn_packed", "triton")
 
 
 def variant_options(name: str, platform: Optional[str] = None
@@ -403,6 +408,7 @@ def check_attention(args) -> dict[str, Any]:
   """
   from sld_jax.model import masks  # pylint: disable=g-import-not-at-top
   from sld_jax.model import packed_attention  # pylint: disable=g-import-not-at-top
+  from sld_jax.model import triton_attention  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   shape = (args.rows, args.length, 16, 64)
   keys = jax.random.split(jax.random.key(0), 4)
@@ -434,6 +440,7 @@ def check_attention(args) -> dict[str, Any]:
           q, k, v, segments, scale, 64),
       "cudnn_packed_no_fallback": lambda q, k, v: packed_attention.cudnn_packed_attention(
           q, k, v, *packed_attention.segment_layout(segments, 32)[:2], scale),
+      "triton": lambda q, k, v: triton_attention.triton_attention(q, k, v, segments, scale),
   }
   # What training runs: the host's offsets, slots by power of two and by 4.
   count = packed_attention.host_segment_count(np.asarray(segments))

@@ -4,9 +4,10 @@
 # 16 x 1024 tokens, vocabulary 56,320, bf16, SLD. In order of importance,
 # each stage writing its results to $OUT (or ./gpu_results) as soon as it has
 # them, so that a time limit loses nothing already measured:
-#   1. attention.json      cuDNN packed attention against the float32
-#                          reference (outputs, gradients) and each attention
-#                          implementation's forward+backward time (~60 s)
+#   1. attention.json      cuDNN packed attention and the Pallas Triton kernel
+#                          against the float32 reference (outputs, gradients)
+#                          and each attention implementation's
+#                          forward+backward time (~70 s)
 #   2. jax_main.json       sld_jax "packed" at gpt2_medium and gpt2_small, each
 #                          in its own process (~200 s)
 #   3. torch_compile.json  the peer, torch.compile, same shapes (~170 s)
@@ -92,7 +93,7 @@ if [[ $stages == *" 5 "* ]]; then
 fi
 if [[ $stages == *" 6 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld \
-    --variants packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn reference reference_no_attention_dropout "${shape[@]}" --matmul_size "$matmul" \
+    --variants packed_triton packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn reference reference_no_attention_dropout "${shape[@]}" --matmul_size "$matmul" \
     --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
     "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_xla_flags.json" \

@@ -23,7 +23,8 @@ What a kernel costs is read off the HLO:
           D`` forward and ``10 B N T S D`` backward, halved for a causal mask
           (packed rows attend less: an upper bound on their work). Element-
           wise flops are not counted (they are never the bound at these
-          sizes).
+          sizes), nor those of Pallas kernels (``pallas_call``: their
+          bodies are not in the HLO), which count by their bytes.
 
 For instance, ``jnp.dot`` of two ``bf16[1024, 1024]`` arrays is one kernel of
 2.1 GFLOP and 6 MiB (two operands and the output); at 989 TFLOP/s and
@@ -283,7 +284,8 @@ def category(instruction: Instruction, flops: float) -> str:
   """Where a kernel belongs, from its op and the model code's names (``op_name``)."""
   name = instruction.op_name.lower()
   target = (instruction.attribute("custom_call_target") or "").lower()
-  if "fmha" in target or "dot_product_attention" in name:
+  if ("fmha" in target or "dot_product_attention" in name
+      or ("pallas_call" in name and "attention" in name)):
     return "attention"
   if flops > 0:
     return "matmul"

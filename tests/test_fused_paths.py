@@ -14,10 +14,11 @@
 - The chunked loss's compiled gradient holds less temporary memory than the
   reference's (XLA's own memory analysis of the CPU executable).
 - ``DecoderConfig.attention_implementation="xla"`` (``jax.nn.dot_product_attention``,
-  the portable twin of the cuDNN path) and ``"splash"`` (the Pallas TPU
-  kernel, interpreted on CPU) == the written-out ``"einsum"`` attention on
-  packed rows, forward and backward, float32 and bfloat16; splash also
-  under a (2, 2, 2) mesh, where it runs in ``shard_map``.
+  the portable twin of the cuDNN path), ``"splash"`` (the Pallas TPU kernel)
+  and ``"triton"`` (the Pallas Triton kernel), both interpreted on CPU, ==
+  the written-out ``"einsum"`` attention on packed rows, forward and
+  backward, float32 and bfloat16; the Pallas ones also under a (2, 2, 2)
+  mesh, where they run in ``shard_map``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sld_jax import partitioning
 from sld_jax.lm import SpeechTextLM
 from sld_jax.model import decoder
 from sld_jax.model import splash
+from sld_jax.model import triton_attention
 from sld_jax.model.config import DecoderConfig
 from sld_jax.vocab import VocabLayout
 
@@ -322,10 +324,11 @@ def _attention_params_and_inputs(config, seed=0):
   return params, tokens, positions, segments
 
 
-@pytest.mark.parametrize("implementation", ["xla", "splash"])
+@pytest.mark.parametrize("implementation", ["xla", "splash", "triton"])
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 2e-5), ("bfloat16", 3e-2)])
 def test_fused_attention_equals_einsum_attention(implementation, dtype, tolerance):
-  """"xla" is cuDNN's portable twin; "splash" runs its Pallas kernel interpreted."""
+  """"xla" is cuDNN's portable twin; "splash" and "triton" run their Pallas
+  kernels interpreted."""
   einsum = DecoderConfig(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
                          max_length=128, dropout_rate=0.0, dtype=dtype)
   fused = einsum.replace(attention_implementation=implementation)
@@ -351,12 +354,13 @@ def test_fused_attention_equals_einsum_attention(implementation, dtype, toleranc
     np.testing.assert_allclose(got, want, atol=bound, err_msg=jax.tree_util.keystr(path))
 
 
-def test_splash_attention_under_a_mesh_equals_einsum_attention():
+@pytest.mark.parametrize("implementation", ["splash", "triton"])
+def test_pallas_attention_under_a_mesh_equals_einsum_attention(implementation):
   """The kernel in shard_map on a (2, 2, 2) mesh: rows over data x fsdp,
   heads over model; values and gradients equal one device's einsum path."""
   einsum = DecoderConfig(vocab_size=128, num_layers=1, num_heads=4, embed_dim=32, mlp_dim=64,
                          max_length=128, dropout_rate=0.0)
-  fused = einsum.replace(attention_implementation="splash")
+  fused = einsum.replace(attention_implementation=implementation)
   params, tokens, positions, segments = _attention_params_and_inputs(einsum)
   tokens, positions, segments = (np.concatenate([x, x[::-1]]) for x in
                                  (tokens, positions, segments))      # 4 rows
@@ -386,14 +390,14 @@ def test_splash_attention_under_a_mesh_equals_einsum_attention():
     np.testing.assert_allclose(got, want, atol=bound, err_msg=jax.tree_util.keystr(path))
 
 
-def test_splash_attention_refuses_a_sharded_length():
+@pytest.mark.parametrize("kernel", [splash.splash_attention, triton_attention.triton_attention])
+def test_pallas_attention_refuses_a_sharded_length(kernel):
   mesh = partitioning.make_mesh(4, 1, 2, devices=jax.devices()[:8])
   rules = partitioning.logical_axis_rules(overrides=[("length", "model")])
   query = jnp.zeros((4, 128, 2, 8))
   with partitioning.sharding_context(mesh, rules):
     with pytest.raises(ValueError, match="length axis is sharded"):
-      jax.eval_shape(lambda q: splash.splash_attention(q, q, q, jnp.ones((4, 128), jnp.int32),
-                                                       0.3), query)
+      jax.eval_shape(lambda q: kernel(q, q, q, jnp.ones((4, 128), jnp.int32), 0.3), query)
 
 
 def test_fused_attention_refuses_attention_dropout():
@@ -407,7 +411,8 @@ def test_fused_attention_refuses_attention_dropout():
     DecoderConfig(**base, attention_implementation="flash")
 
 
-def test_splash_attention_names_the_length_it_needs():
+@pytest.mark.parametrize("kernel", [splash.splash_attention, triton_attention.triton_attention])
+def test_pallas_attention_names_the_length_it_needs(kernel):
   query = jnp.zeros((1, 100, 2, 8))
   with pytest.raises(ValueError, match=r"row length \(100\) to be a multiple of 128"):
-    splash.splash_attention(query, query, query, jnp.ones((1, 100), jnp.int32), 1.0)
+    kernel(query, query, query, jnp.ones((1, 100), jnp.int32), 1.0)

@@ -44,6 +44,7 @@ from sld_jax.model import layers
 from sld_jax.model import masks
 from sld_jax.model import packed_attention
 from sld_jax.model import splash
+from sld_jax.model import triton_attention
 from sld_jax.model.config import DecoderConfig
 
 Array = jnp.ndarray
@@ -230,6 +231,9 @@ class SelfAttention(nn.Module):
     scale = 1.0 / math.sqrt(cfg.head_dim)
     if cfg.attention_implementation == "splash":
       out = splash.splash_attention(query, key, value, mask, scale, HEAD_ACTIVATION_AXES)
+    elif cfg.attention_implementation == "triton":
+      out = triton_attention.triton_attention(query, key, value, mask, scale,
+                                              HEAD_ACTIVATION_AXES)
     elif cfg.attention_implementation == "cudnn_packed":
       segment_ids, starts = mask if isinstance(mask, tuple) else (mask, None)
       out = packed_attention.packed_attention(query, key, value, segment_ids, scale,

@@ -23,11 +23,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # [L, L] score tensor in memory). "cudnn_packed": cuDNN's packed layout, which
 # computes attention inside each segment only (Hopper GPUs,
 # ``model/packed_attention.py``). "splash": Pallas splash attention with
-# segment ids (TPU; interpret mode elsewhere, ``model/splash.py``). The fused
-# ones take no attention dropout.
-ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "cudnn_packed", "splash")
+# segment ids (TPU; interpret mode elsewhere, ``model/splash.py``). "triton":
+# FlashAttention-2 in Pallas for Triton with segment ids (GPUs; interpret mode
+# elsewhere, ``model/triton_attention.py``). The fused ones take no attention
+# dropout.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "cudnn_packed", "splash", "triton")
 # The implementations that take segment ids instead of a dense [B, 1, L, L] mask.
-SEGMENT_ID_ATTENTION = ("cudnn_packed", "splash")
+SEGMENT_ID_ATTENTION = ("cudnn_packed", "splash", "triton")
 # What a rematerialised layer (remat=True) keeps from its forward pass; the
 # rest is recomputed in the backward pass. MaxText's names: "full" keeps
 # nothing, "minimal" the outputs of the weight matmuls

@@ -10,25 +10,20 @@ segment ids, the causal part as a block-sparse ``CausalMask``::
 Padding (segment 0) attends to padding; those rows carry no loss weight.
 Off TPUs the kernel runs in Pallas interpret mode, slowly: that is what the
 CPU tests use to check the mask logic against ``jax.nn.dot_product_attention``.
-
-A Pallas kernel is one device's program: XLA cannot split it over a mesh.
-Under a mesh (``jax.set_mesh``, as the trainer traces) it runs in
-``jax.shard_map`` with the activations' own layout from the logical axis
-rules: each device attends over its rows and its heads, e.g. rules
-``batch -> (data, fsdp)``, ``heads -> model`` on a ``(2, 2, 2)`` mesh give
-each device 1/4 of the rows and 1/2 of the heads, and no data moves. The
-length axis must not be sharded (no sequence parallelism here).
+Under a mesh it runs on each device's rows and heads
+(``kernel_sharding.on_each_device``).
 """
 
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask
+
+from sld_jax.model import kernel_sharding
 
 MAX_BLOCK = 512
 LANES = 128                  # blocks are multiples of the TPU's 128 lanes
@@ -67,28 +62,26 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       mesh they say (through the logical axis rules) how the kernel's
       ``shard_map`` splits them.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return _splash_on_one_device(query, key, value, segment_ids, scale)
-  spec = nn.logical_to_mesh_axes(logical_axes)
-  if spec[1] is not None:
-    raise ValueError(
-        f"attention_implementation='splash': the length axis is sharded ({spec[1]!r} by the "
-        f"logical axis rules); the kernel needs whole rows on each device")
-  rows = jax.sharding.PartitionSpec(spec[0], None)
-  local = functools.partial(_splash_on_one_device, scale=scale)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, rows), out_specs=spec,
-                       check_vma=False)(query, key, value, segment_ids)
+  return kernel_sharding.on_each_device(
+      functools.partial(_splash_on_one_device, scale=scale), query, key, value, segment_ids,
+      logical_axes, "splash")
 
 
 def _splash_on_one_device(query, key, value, segment_ids, scale):
-  batch, length, heads, _ = query.shape
-  kernel = _kernel(length, heads, jax.default_backend() != "tpu")
+  _, length, heads, _ = query.shape
 
-  def one_row(q, k, v, segments):      # [L, H, D] -> the kernel's [H, L, D]
-    q, k, v = (jnp.swapaxes(x, 0, 1) for x in (q * scale, k, v))
-    ids = splash_attention_kernel.SegmentIds(q=segments, kv=segments)
-    return jnp.swapaxes(kernel(q, k, v, segment_ids=ids), 0, 1)
+  def attend(interpret, query, key, value, segment_ids):
+    kernel = _kernel(length, heads, interpret)
 
-  del batch
-  return jax.vmap(one_row)(query, key, value, segment_ids.astype(jnp.int32))
+    def one_row(q, k, v, segments):      # [L, H, D] -> the kernel's [H, L, D]
+      q, k, v = (jnp.swapaxes(x, 0, 1) for x in (q * scale, k, v))
+      ids = splash_attention_kernel.SegmentIds(q=segments, kv=segments)
+      return jnp.swapaxes(kernel(q, k, v, segment_ids=ids), 0, 1)
+
+    return jax.vmap(one_row)(query, key, value, segment_ids)
+
+  # The kernel where the program is compiled for a TPU (also ahead of time,
+  # without one), the interpreter elsewhere.
+  return jax.lax.platform_dependent(
+      query, key, value, segment_ids.astype(jnp.int32),
+      tpu=functools.partial(attend, False), default=functools.partial(attend, True))

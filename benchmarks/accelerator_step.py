@@ -232,24 +232,29 @@ def analyse_size(size: str, method: str, variant: str, args,
       "hlo_flops": (cost or {}).get("flops"),
   }
   if args.hlo_dir:
-    os.makedirs(args.hlo_dir, exist_ok=True)
-    path = os.path.join(args.hlo_dir, f"{size}_{method}_{variant}.hlo")
-    text = compiled.as_text()
-    atomic_files.write_text(path, text)
-    summary = hlo_roofline.summarize(hlo_roofline.kernels(text), args.datasheet_tflops,
-                                     args.hbm_tb_s)
-    atomic_files.write_text(path[:-len(".hlo")] + "_roofline.md", hlo_roofline.markdown(summary))
-    state = trainer.abstract_state
-    flops_per_token, _ = model_flops_per_token(
-        state.params, trainer.model.config.num_layers, trainer.model.config.embed_dim,
-        args.length)
-    result.update(
-        hlo=path, roofline_ms=summary["roofline_ms"], kernels=summary["kernels"],
-        roofline_gigabytes=summary["gigabytes"],
-        roofline_ms_by_category={k: v["roofline_ms"] for k, v in summary["categories"].items()},
-        mfu_bound=flops_per_token * args.rows * args.length
-        / (summary["roofline_ms"] * 1e-3) / (args.datasheet_tflops * 1e12))
+    result.update(write_roofline(compiled, trainer, f"{size}_{method}_{variant}", args))
   return result
+
+
+def write_roofline(compiled, trainer, name: str, args) -> dict[str, Any]:
+  """Writes the optimized program (``args.hlo_dir/name.hlo``) and its roofline
+  (``name_roofline.md``, ``hlo_roofline``); returns the roofline's figures."""
+  os.makedirs(args.hlo_dir, exist_ok=True)
+  path = os.path.join(args.hlo_dir, f"{name}.hlo")
+  text = compiled.as_text()
+  atomic_files.write_text(path, text)
+  summary = hlo_roofline.summarize(hlo_roofline.kernels(text), args.datasheet_tflops,
+                                   args.hbm_tb_s)
+  atomic_files.write_text(path[:-len(".hlo")] + "_roofline.md", hlo_roofline.markdown(summary))
+  config = trainer.model.config
+  flops_per_token, _ = model_flops_per_token(trainer.abstract_state.params, config.num_layers,
+                                             config.embed_dim, args.length)
+  return dict(
+      hlo=path, roofline_ms=summary["roofline_ms"], kernels=summary["kernels"],
+      roofline_gigabytes=summary["gigabytes"],
+      roofline_ms_by_category={k: v["roofline_ms"] for k, v in summary["categories"].items()},
+      mfu_bound=flops_per_token * args.rows * args.length
+      / (summary["roofline_ms"] * 1e-3) / (args.datasheet_tflops * 1e12))
 
 
 def memory_table(results: Sequence[dict[str, Any]]) -> str:
@@ -311,6 +316,8 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
       "compiled_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
                         + memory.output_size_in_bytes - memory.alias_size_in_bytes,
   }
+  if args.hlo_dir:
+    result.update(write_roofline(step_fn, trainer, f"{size}_{method}_{variant}", args))
   if args.breakdown:
     result["breakdown_ms"] = breakdown_ms(trainer, state.params, device_batches[2], args.steps,
                                           step_ms=1e3 * step)
@@ -481,7 +488,7 @@ def _child_command(args, size: str, method: str, variant: str) -> list[str]:
   command = [sys.executable, os.path.abspath(__file__), "--in_process", "--sizes", size,
              "--methods", method, "--variants", variant]
   for name in ("dtype", "rows", "length", "steps", "text_size", "speech_size",
-               "datasheet_tflops", "profile", "remat_policy"):
+               "datasheet_tflops", "hbm_tb_s", "profile", "remat_policy", "hlo_dir"):
     value = getattr(args, name)
     if value is not None:
       command += [f"--{name}", str(value)]
@@ -534,8 +541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="with --memory_only: compile for this GPU without one "
                            "(compile_only_gpu.py; needs jax's CUDA plugin)")
   parser.add_argument("--hlo_dir", default=None,
-                      help="with --memory_only: write each optimized program there, with "
-                           "its roofline (hlo_roofline.py)")
+                      help="write each compiled step's optimized program there, with its "
+                           "roofline (hlo_roofline.py), beside the measured time")
   parser.add_argument("--hbm_tb_s", type=float, default=4.8,
                       help="memory bandwidth for the roofline (H200: 4.8 TB/s)")
   parser.add_argument("--check_attention", action="store_true",
@@ -577,8 +584,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     return
   configurations = [(size, method, variant) for size in args.sizes
                     for method in args.methods for variant in args.variants]
-  if (args.target or args.hlo_dir) and not args.memory_only:
-    parser.error("--target and --hlo_dir go with --memory_only")
+  if args.target and not args.memory_only:
+    parser.error("--target goes with --memory_only")
   if args.memory_only:
     device = compile_only_gpu.compile_only_device(args.target) if args.target else None
     results = []

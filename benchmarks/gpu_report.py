@@ -163,6 +163,40 @@ BREAKDOWN_ORDER = ("step", "gradients", "forward", "backward", "loss_pass",
                    "decoder_without_loss", "optimizer_and_metrics")
 
 
+def roofline_rows(directory: str) -> list[dict[str, Any]]:
+  """Each timed sld_jax step beside the roofline of its own compiled program."""
+  rows = []
+  for name in ("jax_main.json", "jax_mce.json"):
+    for result in _results(_load(directory, name)):
+      if "roofline_ms" in result and "step_seconds" in result:
+        step_ms = 1e3 * result["step_seconds"]
+        rows.append(dict(size=result["size"], method=result["method"],
+                         variant=result["variant"], step_ms=step_ms,
+                         roofline_ms=result["roofline_ms"],
+                         of_roofline=result["roofline_ms"] / step_ms,
+                         categories=result.get("roofline_ms_by_category", {})))
+  return rows
+
+
+def roofline_sections(directory: str) -> list[str]:
+  rows = roofline_rows(directory)
+  if not rows:
+    return []
+  lines = ["### Each step against the roofline of its own compiled program", "",
+           "The roofline (`benchmarks/hlo_roofline.py`, the program XLA compiled and "
+           "autotuned here): every kernel at max(flops / datasheet peak, bytes / "
+           "bandwidth), a lower bound on the step time.", "",
+           "| size | method | variant | step (ms) | roofline (ms) | roofline / step |",
+           "|---|---|---|---|---|---|"]
+  lines += [f"| {r['size']} | {r['method']} | `{r['variant']}` | {r['step_ms']:.1f} | "
+            f"{r['roofline_ms']:.1f} | {r['of_roofline']:.0%} |" for r in rows]
+  first = rows[0]
+  lines += ["", f"Roofline by category, {first['size']} {first['method']}:", "",
+            "| category | roofline ms |", "|---|---|"]
+  lines += [f"| {name} | {ms:.2f} |" for name, ms in first["categories"].items()]
+  return lines + [""]
+
+
 def breakdown_sections(directory: str) -> list[str]:
   """Each ``breakdown_ms`` of jax_breakdown.json: the step's parts timed alone."""
   lines = []
@@ -245,7 +279,8 @@ def report(directory: str) -> str:
     lines += ["", "### Attention alone (one layer, forward + backward)", "",
               "| implementation | ms | largest relative error vs float32 |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.2f} | {_number(error, '.2%')} |" for name, ms, error in attention]
-  profile = breakdown_sections(directory) + profile_sections(directory)
+  profile = (roofline_sections(directory) + breakdown_sections(directory)
+             + profile_sections(directory))
   if profile:
     lines += [""] + profile
   failed = failures(directory)

@@ -9,7 +9,9 @@
 #                          and each attention implementation's
 #                          forward+backward time (~70 s)
 #   2. jax_main.json       sld_jax "packed" at gpt2_medium and gpt2_small, each
-#                          in its own process (~200 s)
+#                          in its own process, with the roofline of each
+#                          compiled step (roofline_*.md, hlo_roofline.py;
+#                          ~200 s)
 #   3. torch_compile.json  the peer, torch.compile, same shapes (~170 s)
 #   4. jax_mce.json        gpt2_medium, Multimodal CE: the SLD-vs-MCE cost (~120 s)
 #   5. jax_breakdown.json  where gpt2_medium's step spends its time, by timing
@@ -58,13 +60,19 @@ python3 -c "import jax, torch; print('jax', jax.__version__, 'torch', torch.__ve
 # SHAPE="--rows 2 --length 256 --steps 3" MATMUL=256 STAGES="2 4 5 6".
 medium=${MEDIUM:-gpt2_medium} small=${SMALL:-gpt2_small} matmul=${MATMUL:-4096}
 read -r -a shape <<< "${SHAPE:---rows 16 --length 1024 --steps 10}"
+# The timed steps' optimized programs (~15 MB each, left on the machine) and
+# their rooflines (hlo_roofline.py; brought back as roofline_*.md).
+hlo=$(mktemp -d)
+keep_rooflines() { for f in "$hlo"/*_roofline.md; do [[ -e $f ]] && cp "$f" "$out/roofline_$(basename "$f")"; done; }
 if [[ $stages == *" 1 "* ]]; then
   python3 benchmarks/accelerator_step.py --check_attention "${shape[@]}" \
     --out "$out/attention.json" 2>&1 | quiet | tee -a "$log"
 fi
 if [[ $stages == *" 2 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" "$small" --methods sld \
-    --variants packed "${shape[@]}" --matmul_size "${MATMUL:-8192}" --out "$out/jax_main.json" 2>&1 | quiet | tee -a "$log"
+    --variants packed "${shape[@]}" --matmul_size "${MATMUL:-8192}" --hlo_dir "$hlo" \
+    --out "$out/jax_main.json" 2>&1 | quiet | tee -a "$log"
+  keep_rooflines
 fi
 if [[ $stages == *" 3 "* ]]; then
   python3 benchmarks/pytorch_accelerator_step.py --sizes "$medium" "$small" --modes compile \
@@ -72,8 +80,9 @@ if [[ $stages == *" 3 "* ]]; then
 fi
 if [[ $stages == *" 4 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods multimodal_ce \
-    --variants packed "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_mce.json" \
-    2>&1 | quiet | tee -a "$log"
+    --variants packed "${shape[@]}" --matmul_size "$matmul" --hlo_dir "$hlo" \
+    --out "$out/jax_mce.json" 2>&1 | quiet | tee -a "$log"
+  keep_rooflines
 fi
 if [[ $stages == *" 5 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \

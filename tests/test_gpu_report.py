@@ -36,7 +36,8 @@ def _write(directory: pathlib.Path, name: str, payload) -> None:
 @pytest.fixture(name="run_dir")
 def fixture_run_dir(tmp_path):
   _write(tmp_path, "jax_main.json", {"device": "NVIDIA H200", "jax": "0.11.2", "results": [
-      _jax("gpt2_medium", "sld", "packed", 0.100, 0.40, 25.0),
+      _jax("gpt2_medium", "sld", "packed", 0.100, 0.40, 25.0, roofline_ms=57.0,
+           roofline_ms_by_category={"matmul": 35.7, "norms": 5.0}),
       _jax("gpt2_small", "sld", "packed", 0.040, 0.36, 12.5)]})
   _write(tmp_path, "jax_mce.json", {"results": [
       _jax("gpt2_medium", "multimodal_ce", "packed", 0.098, 0.41, 25.0)]})
@@ -110,6 +111,8 @@ def test_report_has_every_section(run_dir):
   assert "| cudnn_packed_host_by4 | 0.60 | 0.60% |" in text
   assert "| matmul | 60.0 | 60% |" in text and "| all | 100.0 | |" in text
   assert "| loss_pass | 12.0 | 12% |" in text and "| optimizer_and_metrics | 4.0 | 4% |" in text
+  assert "| gpt2_medium | sld | `packed` | 100.0 | 57.0 | 57% |" in text
+  assert "| matmul | 35.70 |" in text
   assert "cudnn_dense_mask" not in text            # an error, not a time
   assert "- jax_more.json: gpt2_medium sld cudnn: exit 1: boom" in text
   assert "- torch_compile.json: gpt2_small compile: RuntimeError: out of time" in text
@@ -149,11 +152,14 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
                              check=False)
   assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
   for name in ("jax_main.json", "jax_mce.json", "jax_breakdown.json",
-               "profile_tiny_sld_packed.json",
+               "profile_tiny_sld_packed.json", "roofline_tiny_sld_packed_roofline.md",
+               "roofline_tiny_multimodal_ce_packed_roofline.md",
                "trace.xplane.pb", "report.md"):
     assert (out / name).exists(), name
+  assert not list(out.glob("*.hlo")), "the programs stay on the machine"
   report = (out / "report.md").read_text()
   assert "did not finish" not in report, report
+  assert "| tiny | sld | `packed` |" in report
   assert "| tiny | sld_jax `packed` |" in report
   assert "| loss_pass |" in report and "| optimizer_and_metrics |" in report
   mce = json.loads((out / "jax_mce.json").read_text())["results"][0]

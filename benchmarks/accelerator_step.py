@@ -199,6 +199,20 @@ def _with_host_features(trainer, batches: list[dict[str, np.ndarray]]
   return [dict(trainer.model.host_features(b, slots=slots)) for b in batches]
 
 
+def compiled_bytes(memory) -> int:
+  """XLA's footprint of an executable: arguments + temporaries + outputs - donated."""
+  return (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def _step_flops(trainer, args) -> float:
+  """Model FLOPs of one step (``model_flops_per_token`` x rows x length)."""
+  config = trainer.model.config
+  per_token, _ = model_flops_per_token(trainer.abstract_state.params, config.num_layers,
+                                       config.embed_dim, args.length)
+  return per_token * args.rows * args.length
+
+
 def analyse_size(size: str, method: str, variant: str, args,
                  device: Optional[jax.Device] = None) -> dict[str, Any]:
   """XLA's memory and cost analysis of the compiled step; nothing is run.
@@ -227,18 +241,19 @@ def analyse_size(size: str, method: str, variant: str, args,
       "temp_bytes": memory.temp_size_in_bytes,
       "argument_bytes": memory.argument_size_in_bytes,
       "output_bytes": memory.output_size_in_bytes,
-      "compiled_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                        + memory.output_size_in_bytes - memory.alias_size_in_bytes,
+      "compiled_bytes": compiled_bytes(memory),
       "hlo_flops": (cost or {}).get("flops"),
   }
   if args.hlo_dir:
-    result.update(write_roofline(compiled, trainer, f"{size}_{method}_{variant}", args))
+    result.update(write_roofline(compiled, _step_flops(trainer, args),
+                                 f"{size}_{method}_{variant}", args))
   return result
 
 
-def write_roofline(compiled, trainer, name: str, args) -> dict[str, Any]:
+def write_roofline(compiled, step_flops: float, name: str, args) -> dict[str, Any]:
   """Writes the optimized program (``args.hlo_dir/name.hlo``) and its roofline
-  (``name_roofline.md``, ``hlo_roofline``); returns the roofline's figures."""
+  (``name_roofline.md``, ``hlo_roofline``); returns the roofline's figures, the
+  MFU bound from the step's model FLOPs ``step_flops``."""
   os.makedirs(args.hlo_dir, exist_ok=True)
   path = os.path.join(args.hlo_dir, f"{name}.hlo")
   text = compiled.as_text()
@@ -246,15 +261,11 @@ def write_roofline(compiled, trainer, name: str, args) -> dict[str, Any]:
   summary = hlo_roofline.summarize(hlo_roofline.kernels(text), args.datasheet_tflops,
                                    args.hbm_tb_s)
   atomic_files.write_text(path[:-len(".hlo")] + "_roofline.md", hlo_roofline.markdown(summary))
-  config = trainer.model.config
-  flops_per_token, _ = model_flops_per_token(trainer.abstract_state.params, config.num_layers,
-                                             config.embed_dim, args.length)
   return dict(
       hlo=path, roofline_ms=summary["roofline_ms"], kernels=summary["kernels"],
       roofline_gigabytes=summary["gigabytes"],
       roofline_ms_by_category={k: v["roofline_ms"] for k, v in summary["categories"].items()},
-      mfu_bound=flops_per_token * args.rows * args.length
-      / (summary["roofline_ms"] * 1e-3) / (args.datasheet_tflops * 1e12))
+      mfu_bound=step_flops / (summary["roofline_ms"] * 1e-3) / (args.datasheet_tflops * 1e12))
 
 
 def memory_table(results: Sequence[dict[str, Any]]) -> str:
@@ -313,11 +324,11 @@ def time_size(size: str, method: str, args, variant: str = "reference") -> dict[
       "model_tflops_per_second": flops_per_token * tokens / step / 1e12,
       "loss": float(metrics["loss"]),
       "peak_bytes_in_use": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
-      "compiled_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                        + memory.output_size_in_bytes - memory.alias_size_in_bytes,
+      "compiled_bytes": compiled_bytes(memory),
   }
   if args.hlo_dir:
-    result.update(write_roofline(step_fn, trainer, f"{size}_{method}_{variant}", args))
+    result.update(write_roofline(step_fn, flops_per_token * tokens,
+                                 f"{size}_{method}_{variant}", args))
   if args.breakdown:
     result["breakdown_ms"] = breakdown_ms(trainer, state.params, device_batches[2], args.steps,
                                           step_ms=1e3 * step)

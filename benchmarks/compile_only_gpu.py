@@ -86,7 +86,7 @@ def cudnn_capability_of(device: jax.Device) -> Iterator[None]:
   refuse. Inside this context they read ``device.compute_capability``.
   """
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
-  current = tuple(int(x) for x in device.compute_capability.split("."))
+  current = _version(device.compute_capability)
   saved = cudnn.check_compute_capability, cudnn.is_cuda_compute_capability_equal
   cudnn.check_compute_capability = lambda capability: current >= _version(capability)
   cudnn.is_cuda_compute_capability_equal = lambda capability: current == _version(capability)

@@ -55,9 +55,10 @@ own; XLA's compiled footprint (arguments + temporaries) is reported beside it.
 (``Trainer.lower_train_step``) and reports XLA's memory and cost analysis
 without running it: the check to make on a CPU before spending accelerator
 time ("xla" stands in for the cuDNN implementations off GPUs).
-``--check_attention`` compares ``cudnn_packed`` with the float32 reference
-attention on packed rows (outputs and gradients at real positions) and times
-the attention implementations alone; ``--breakdown`` times the step's parts alone
+``--check_attention`` compares ``cudnn_packed`` and the Triton kernel (three
+block choices) with the float32 reference attention on packed rows (outputs
+and gradients at real positions) and times the attention implementations
+alone (``--attention NAME ...``: only those); ``--breakdown`` times the step's parts alone
 (``breakdown_ms``: forward, forward + backward, the chunked loss pass; the
 optimizer and the backward pass by difference), a profile that needs no
 profiler; ``--profile DIR`` traces 2 steps of
@@ -459,6 +460,10 @@ def check_attention(args) -> dict[str, Any]:
       "cudnn_packed_no_fallback": lambda q, k, v: packed_attention.cudnn_packed_attention(
           q, k, v, *packed_attention.segment_layout(segments, 32)[:2], scale),
       "triton": lambda q, k, v: triton_attention.triton_attention(q, k, v, segments, scale),
+      "triton_blocks_64": lambda q, k, v: triton_attention.triton_attention(
+          q, k, v, segments, scale, block=64, backward_block=64),
+      "triton_backward_32": lambda q, k, v: triton_attention.triton_attention(
+          q, k, v, segments, scale, backward_block=32),
   }
   # What training runs: the host's offsets, slots by power of two and by 4.
   count = packed_attention.host_segment_count(np.asarray(segments))
@@ -468,10 +473,19 @@ def check_attention(args) -> dict[str, Any]:
     implementations[f"cudnn_packed_host_{label}"] = (
         lambda q, k, v, starts=starts: packed_attention.packed_attention(
             q, k, v, segments, scale, 0, segment_starts=starts))
+  unknown = set(args.attention or ()) - set(implementations)
+  if unknown:
+    raise ValueError(f"--attention: no implementation {sorted(unknown)}; there are "
+                     f"{sorted(implementations)}")
+  if args.attention:      # and the float32 reference, which the errors are against
+    implementations = {name: attend for name, attend in implementations.items()
+                       if name == "reference_f32" or name in args.attention}
   result: dict[str, Any] = {"shape": shape, "segments_per_row": [
       int(len(set(row[row > 0]))) for row in np.asarray(segments)],
       "host_slots": {"pow2": packed_attention.slots_for(count),
-                     "by4": packed_attention.slots_for(count, 4)}}
+                     "by4": packed_attention.slots_for(count, 4)},
+      "triton_visited_block_fraction": triton_attention.visited_block_fraction(
+          np.asarray(segments))}
   outputs = {}
   for name, attend in implementations.items():
     try:
@@ -558,6 +572,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="memory bandwidth for the roofline (H200: 4.8 TB/s)")
   parser.add_argument("--check_attention", action="store_true",
                       help="compare and time the attention implementations, then stop")
+  parser.add_argument("--attention", nargs="+", default=None, metavar="NAME",
+                      help="with --check_attention: only these implementations (and the "
+                           "float32 reference); all by default")
   parser.add_argument("--in_process", action="store_true",
                       help="run every configuration in this process (peak memory then "
                            "accumulates over them)")

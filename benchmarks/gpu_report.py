@@ -3,12 +3,12 @@ r"""The markdown report of one ``gpu_step_comparison.sh`` run, for docs/benchmar
 Reads the JSON files the script leaves in its output folder (whichever
 stages ran) and writes, in this order:
 
-  1. sld_jax ("packed") beside the PyTorch peer (compiled, and eager if it
-     ran) at each size: step time, tokens/s, MFU against the datasheet,
-     peak device memory;
+  1. sld_jax (its packed step, ``main_variant``) beside the PyTorch peer
+     (compiled, and eager if it ran) at each size: step time, tokens/s, MFU
+     against the datasheet, peak device memory;
   2. issue #13's goals, each measured value against its bound ("not
      measured" where the stage did not run);
-  3. gpt2_medium's other variants against "packed" (what each lever is
+  3. gpt2_medium's other variants against that one (what each lever is
      worth), with the XLA flags they ran under;
   4. attention alone (``attention.json``): forward + backward time and the
      largest relative error against the float32 reference;
@@ -36,7 +36,13 @@ MEDIUM_MFU_GOAL = 0.45
 SMALL_MFU_GOAL = 0.35
 MEDIUM_PEAK_GIB_GOAL = 30.0
 SLD_OVER_MCE_GOAL = 1.03
-MAIN_VARIANT = "packed"
+# The packed step with cuDNN's attention, or with the Pallas Triton kernel
+# where the run's attention check timed that faster (faster_packed_variant).
+PACKED_VARIANTS = ("packed", "packed_triton")
+# The Triton kernel's largest relative error (output, gradients) against the
+# float32 reference that still lets it stand in for cuDNN's: bf16 attention
+# errs by about 1%.
+TRITON_ERROR_BOUND = 0.05
 
 
 def _load(directory: str, name: str) -> Optional[dict[str, Any]]:
@@ -67,17 +73,41 @@ def _number(value: Optional[float], pattern: str) -> str:
   return "-" if value is None else format(value, pattern)
 
 
+def faster_packed_variant(directory: str) -> str:
+  """``"packed_triton"`` where the run's ``attention.json`` timed the Triton
+  kernel faster than cuDNN's packed attention as training calls it (host
+  offsets, ``cudnn_packed_host_pow2``) and within ``TRITON_ERROR_BOUND``;
+  ``"packed"`` otherwise, or without that file."""
+  payload = _load(directory, "attention.json") or {}
+  triton = payload.get("triton_fwd_bwd_ms")
+  cudnn = payload.get("cudnn_packed_host_pow2_fwd_bwd_ms")
+  errors = payload.get("triton_relative_error") or {}
+  if (triton is None or cudnn is None or not errors
+      or max(errors.values()) > TRITON_ERROR_BOUND or triton >= cudnn):
+    return "packed"
+  return "packed_triton"
+
+
+def main_variant(directory: str) -> str:
+  """The packed variant the run's main stage timed (``jax_main.json``)."""
+  for result in _results(_load(directory, "jax_main.json")):
+    if result.get("variant") in PACKED_VARIANTS:
+      return result["variant"]
+  return PACKED_VARIANTS[0]
+
+
 def comparison_rows(directory: str) -> list[dict[str, Any]]:
   """One row per (size, implementation): sld_jax's main variant and the peers."""
   jax_main = _results(_load(directory, "jax_main.json"))
+  variant = main_variant(directory)
   rows = []
   peers = {mode: _results(_load(directory, f"torch_{mode}.json")) for mode in ("compile", "eager")}
   sizes = dict.fromkeys([r["size"] for r in jax_main]
                         + [r["size"] for mode in peers for r in peers[mode]])
   for size in sizes:
-    ours = _find(jax_main, size=size, method="sld", variant=MAIN_VARIANT)
+    ours = _find(jax_main, size=size, method="sld", variant=variant)
     if ours is not None:
-      rows.append({"size": size, "implementation": f"sld_jax `{MAIN_VARIANT}`",
+      rows.append({"size": size, "implementation": f"sld_jax `{variant}`",
                    "step_ms": 1e3 * ours["step_seconds"],
                    "tokens_per_second": ours["tokens_per_second"],
                    "mfu": ours.get("mfu_datasheet"), "peak_gib": _jax_peak_gib(ours)})
@@ -94,10 +124,11 @@ def comparison_rows(directory: str) -> list[dict[str, Any]]:
 def goals(directory: str) -> list[tuple[str, str, str]]:
   """``(goal, measured, verdict)`` for each of issue #13's bounds."""
   jax_main = _results(_load(directory, "jax_main.json"))
-  medium = _find(jax_main, size="gpt2_medium", method="sld", variant=MAIN_VARIANT)
-  small = _find(jax_main, size="gpt2_small", method="sld", variant=MAIN_VARIANT)
+  variant = main_variant(directory)
+  medium = _find(jax_main, size="gpt2_medium", method="sld", variant=variant)
+  small = _find(jax_main, size="gpt2_small", method="sld", variant=variant)
   mce = _find(_results(_load(directory, "jax_mce.json")), size="gpt2_medium",
-              method="multimodal_ce", variant=MAIN_VARIANT)
+              method="multimodal_ce", variant=variant)
   peer = _find(_results(_load(directory, "torch_compile.json")), size="gpt2_medium",
                mode="compile")
 
@@ -129,7 +160,7 @@ def goals(directory: str) -> list[tuple[str, str, str]]:
 def lever_rows(directory: str) -> list[dict[str, Any]]:
   """gpt2_medium SLD variants against the main one, measured in this run."""
   main = _find(_results(_load(directory, "jax_main.json")), size="gpt2_medium", method="sld",
-               variant=MAIN_VARIANT)
+               variant=main_variant(directory))
   others = (_results(_load(directory, "jax_more.json"))
             + _results(_load(directory, "jax_xla_flags.json")))
   rows = []
@@ -264,9 +295,10 @@ def report(directory: str) -> str:
   lines += ["", "### Issue #13's goals", "", "| goal | measured | |", "|---|---|---|"]
   lines += [f"| {goal} | {measured} | {verdict} |" for goal, measured, verdict in goals(directory)]
   levers = lever_rows(directory)
+  variant = main_variant(directory)
   if levers:
-    lines += ["", f"### gpt2_medium variants against `{MAIN_VARIANT}` (same run)", "",
-              f"| variant | XLA flags | step (ms) | step / `{MAIN_VARIANT}` | peak GiB |",
+    lines += ["", f"### gpt2_medium variants against `{variant}` (same run)", "",
+              f"| variant | XLA flags | step (ms) | step / `{variant}` | peak GiB |",
               "|---|---|---|---|---|"]
     for r in levers:
       if r["error"]:
@@ -293,7 +325,13 @@ def report(directory: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("directory", help="the folder gpu_step_comparison.sh wrote ($OUT)")
+  parser.add_argument("--faster_packed_variant", action="store_true",
+                      help="print the packed variant to time (faster_packed_variant), "
+                           "not the report")
   args = parser.parse_args(argv)
+  if args.faster_packed_variant:
+    print(faster_packed_variant(args.directory))
+    return
   print(report(args.directory), end="")
 
 

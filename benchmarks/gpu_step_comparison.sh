@@ -7,8 +7,14 @@
 #   1. attention.json      cuDNN packed attention and the Pallas Triton kernel
 #                          against the float32 reference (outputs, gradients)
 #                          and each attention implementation's
-#                          forward+backward time (~70 s)
-#   2. jax_main.json       sld_jax "packed" at gpt2_medium and gpt2_small, each
+#                          forward+backward time (~70 s; ATTENTION="names"
+#                          times only those, ~30 s). It picks the packed
+#                          variant the stages below time: "packed_triton"
+#                          where the Triton kernel was faster than cuDNN's
+#                          packed attention, "packed" otherwise
+#                          (gpu_report.py --faster_packed_variant; VARIANT=
+#                          sets it, as a second call must: its $OUT is new)
+#   2. jax_main.json       sld_jax's packed step at gpt2_medium and gpt2_small, each
 #                          in its own process, with the roofline of each
 #                          compiled step (roofline_*.md, hlo_roofline.py;
 #                          ~200 s)
@@ -23,19 +29,21 @@
 #                          trace.xplane.pb (~100 s; on 2026-11-30 a
 #                          default-options trace did not finish within 400 s,
 #                          so it has a limit, PROFILE_TIMEOUT=150)
-#   6. jax_more.json       gpt2_medium: the variants that isolate each lever
+#   6. jax_more.json       gpt2_medium: the other packed variant and the
+#                          variants that isolate each lever
 #                          (attention dropout's cost: reference vs
-#                          reference_no_attention_dropout), then "packed"
+#                          reference_no_attention_dropout), then the packed step
 #                          under other XLA flags (~900 s: over two calls)
 #   7. torch_eager.json    the peer, eager (~120 s)
 # Then report.md: the tables for docs/benchmarks.md (benchmarks/gpu_report.py).
 # STAGES="1 2 3 4 5 6 7" (default) picks stages; STAGES=" " only writes the
 # report. Times are estimates from the 2026-11-30 calls. One device call may
 # run 600 s and a session has 900 s of device time, the machine's start
-# (60-120 s) included, so: STAGES="2 3 4" (the Done-when tables, ~500 s),
-# then at once, while the machine is warm (it goes back 30 s after a call),
-# STAGES="5" with what is left (~300 s); stages 1, 6 and 7 only with time to
-# spare.
+# (60-120 s) included, so: ATTENTION="cudnn_packed_host_pow2 triton
+# triton_blocks_64 triton_backward_32" STAGES="1 2 3" (the attention choice
+# and the Done-when tables, ~420 s), then at once, while the machine is warm
+# (it goes back 30 s after a call), VARIANT=<the variant the first call
+# printed> STAGES="4 5" (~380 s); stages 6 and 7 only with time to spare.
 #
 # On the lent machine (its python3 has jax, flax, optax, orbax, torch and
 # transformers; gin-config travels as a wheel in .whl, see
@@ -65,12 +73,17 @@ read -r -a shape <<< "${SHAPE:---rows 16 --length 1024 --steps 10}"
 hlo=$(mktemp -d)
 keep_rooflines() { for f in "$hlo"/*_roofline.md; do [[ -e $f ]] && cp "$f" "$out/roofline_$(basename "$f")"; done; }
 if [[ $stages == *" 1 "* ]]; then
+  read -r -a attention <<< "${ATTENTION:-}"
   python3 benchmarks/accelerator_step.py --check_attention "${shape[@]}" \
+    ${attention[@]:+--attention "${attention[@]}"} \
     --out "$out/attention.json" 2>&1 | quiet | tee -a "$log"
 fi
+variant=${VARIANT:-$(python3 benchmarks/gpu_report.py "$out" --faster_packed_variant)}
+other=$([[ $variant == packed ]] && echo packed_triton || echo packed)
+echo "main variant: $variant" | tee -a "$log"
 if [[ $stages == *" 2 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" "$small" --methods sld \
-    --variants packed "${shape[@]}" --matmul_size "${MATMUL:-8192}" --hlo_dir "$hlo" \
+    --variants "$variant" "${shape[@]}" --matmul_size "${MATMUL:-8192}" --hlo_dir "$hlo" \
     --out "$out/jax_main.json" 2>&1 | quiet | tee -a "$log"
   keep_rooflines
 fi
@@ -80,18 +93,18 @@ if [[ $stages == *" 3 "* ]]; then
 fi
 if [[ $stages == *" 4 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods multimodal_ce \
-    --variants packed "${shape[@]}" --matmul_size "$matmul" --hlo_dir "$hlo" \
+    --variants "$variant" "${shape[@]}" --matmul_size "$matmul" --hlo_dir "$hlo" \
     --out "$out/jax_mce.json" 2>&1 | quiet | tee -a "$log"
   keep_rooflines
 fi
 if [[ $stages == *" 5 "* ]]; then
-  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants "$variant" \
     "${shape[@]}" --matmul_size "$matmul" --breakdown --out "$out/jax_breakdown.json" \
     2>&1 | quiet | tee -a "$log"
   profiles=$(mktemp -d)
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout "${PROFILE_TIMEOUT:-150}" \
     python3 benchmarks/accelerator_step.py --in_process --sizes "$medium" --methods sld \
-    --variants packed "${shape[@]}" --profile "$profiles" 2>&1 | quiet | tee -a "$log"
+    --variants "$variant" "${shape[@]}" --profile "$profiles" 2>&1 | quiet | tee -a "$log"
   cp "$profiles"/profile_*.json "$out/" 2>/dev/null
   trace=$(find "$profiles" -name "*.xplane.pb" | head -1)
   if [[ -n $trace && $(stat -c %s "$trace") -le 16000000 ]]; then
@@ -102,9 +115,9 @@ if [[ $stages == *" 5 "* ]]; then
 fi
 if [[ $stages == *" 6 "* ]]; then
   python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld \
-    --variants packed_triton packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn reference reference_no_attention_dropout "${shape[@]}" --matmul_size "$matmul" \
+    --variants "$other" packed_slots_by_4 packed_recompute packed_no_dropout cudnn_fused cudnn reference reference_no_attention_dropout "${shape[@]}" --matmul_size "$matmul" \
     --out "$out/jax_more.json" 2>&1 | quiet | tee -a "$log"
-  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants packed \
+  python3 benchmarks/accelerator_step.py --sizes "$medium" --methods sld --variants "$variant" \
     "${shape[@]}" --matmul_size "$matmul" --out "$out/jax_xla_flags.json" \
     --xla_flags="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
     2>&1 | quiet | tee -a "$log"

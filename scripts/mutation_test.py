@@ -44,6 +44,7 @@ class Mutation:
 M = Mutation
 LOSSES = ("tests/test_losses.py",)
 FUSED = ("tests/test_fused_paths.py",)
+TRITON = ("tests/test_triton_attention.py", *FUSED)
 DECODER = ("tests/test_decoder.py",)
 DECODING = ("tests/test_decoding.py",)
 WER = ("tests/test_wer.py",)
@@ -205,9 +206,18 @@ MUTATIONS: tuple[Mutation, ...] = (
       "  return function", DECODER,
       "the MLP keeps tanh(...) and product + bias for the backward pass again"),
     M("attention/triton_without_segments", "sld_jax/model/triton_attention.py",
-      "return pallas_attention.mha(query, key, value, segment_ids,",
-      "return pallas_attention.mha(query, key, value, None,", FUSED,
+      "visible = ((query_segments[:, None] == key_segments[None, :])",
+      "visible = ((query_segments[:, None] >= 0)", TRITON,
       "the Triton kernel attends across packed segments"),
+    M("attention/triton_skips_a_visible_key_block", "sld_jax/model/triton_attention.py",
+      "return (lax.div(first_of_block, block_k),",
+      "return (lax.div(first_of_block + block_k - 1, block_k),", TRITON,
+      "the Triton kernel starts at the block after a segment's start when the "
+      "segment does not start on a block edge"),
+    M("attention/triton_key_gradients_stop_early", "sld_jax/model/triton_attention.py",
+      "lax.div(last_of_block + block_q, block_q)",
+      "lax.div(last_of_block + 1, block_q)", TRITON,
+      "key gradients leave out the query block holding their segment's end"),
     M("fused/off_unit_targets_class_1", "sld_jax/fused_loss.py",
       "class_column = jnp.where(is_unit_target, targets, offset)",
       "class_column = jnp.where(is_unit_target, targets, offset + 1)", FUSED,

@@ -118,6 +118,41 @@ def test_report_has_every_section(run_dir):
   assert "- torch_compile.json: gpt2_small compile: RuntimeError: out of time" in text
 
 
+@pytest.mark.parametrize("triton_ms, triton_error, want", [
+    (0.40, 0.008, "packed_triton"),      # faster, bf16-sized errors
+    (0.70, 0.008, "packed"),             # slower than cuDNN's packed attention
+    (0.40, 0.300, "packed"),             # faster but wrong
+    (None, None, "packed"),              # the kernel failed: no time
+])
+def test_the_faster_packed_attention_is_the_main_variant(tmp_path, triton_ms, triton_error,
+                                                         want):
+  attention = {"cudnn_packed_host_pow2_fwd_bwd_ms": 0.60,
+               "cudnn_packed_host_pow2_relative_error": {"out": 0.004, "dq": 0.007}}
+  if triton_ms is None:
+    attention["triton_error"] = "RuntimeError: Triton compilation failed"
+  else:
+    attention.update(triton_fwd_bwd_ms=triton_ms,
+                     triton_relative_error={"out": 0.004, "dk": triton_error})
+  _write(tmp_path, "attention.json", attention)
+  assert gpu_report.faster_packed_variant(tmp_path) == want
+  assert gpu_report.faster_packed_variant(tmp_path / "no_such_run") == "packed"
+
+
+def test_the_report_follows_the_variant_the_main_stage_timed(tmp_path):
+  _write(tmp_path, "jax_main.json", {"results": [
+      _jax("gpt2_medium", "sld", "packed_triton", 0.090, 0.45, 20.0)]})
+  _write(tmp_path, "jax_mce.json", {"results": [
+      _jax("gpt2_medium", "multimodal_ce", "packed", 0.050, 0.80, 20.0),
+      _jax("gpt2_medium", "multimodal_ce", "packed_triton", 0.088, 0.46, 20.0)]})
+  _write(tmp_path, "jax_more.json", {"results": [
+      _jax("gpt2_medium", "sld", "packed", 0.099, 0.41, 20.0)]})
+  assert gpu_report.main_variant(tmp_path) == "packed_triton"
+  goals = {goal: (measured, verdict) for goal, measured, verdict in gpu_report.goals(tmp_path)}
+  assert goals["SLD step / Multimodal CE step <= 1.03 (gpt2_medium)"] == ("1.023", "met")
+  assert gpu_report.lever_rows(tmp_path)[0]["vs_main"] == pytest.approx(1.1)
+  assert "| gpt2_medium | sld_jax `packed_triton` | 90.0 |" in gpu_report.report(tmp_path)
+
+
 @pytest.mark.parametrize("op, kernel, want", [
     ("custom-call.12", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
     ("custom-call.7", "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", "matmul"),
@@ -132,16 +167,23 @@ def test_profile_categories_go_by_the_kernel_first(op, kernel, want):
 
 def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
   """gpu_step_comparison.sh, the one call a lent GPU gets, dry-run at tiny
-  sizes: stages 2 (sld_jax packed), 4 (Multimodal CE) and 5 (the step's
-  parts timed alone, and the profile)
-  leave their files and a report with no failed configuration. A renamed
-  flag or a broken stage shows here, not in the GPU lease."""
+  sizes: stages 2 (sld_jax's packed step), 4 (Multimodal CE) and 5 (the
+  step's parts timed alone, and the profile) leave their files and a report
+  with no failed configuration. An attention check left by stage 1 (here
+  written beforehand: the kernels do not run on a CPU) with the Triton
+  kernel faster makes every stage time "packed_triton" (whose attention is
+  "xla" off GPUs). A renamed flag or a broken stage shows here, not in the
+  GPU lease."""
   repo = pathlib.Path(__file__).resolve().parent.parent
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'no GPU (dry run)'\n")
   (bin_dir / "nvidia-smi").chmod(0o755)
   out = tmp_path / "out"
+  out.mkdir()
+  _write(out, "attention.json", {
+      "cudnn_packed_host_pow2_fwd_bwd_ms": 0.9, "triton_fwd_bwd_ms": 0.5,
+      "triton_relative_error": {"out": 0.004, "dq": 0.008}})
   environment = dict(
       os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), MEDIUM="tiny",
       SMALL="tiny", MATMUL="64", STAGES="2 4 5", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
@@ -152,15 +194,17 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
                              check=False)
   assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
   for name in ("jax_main.json", "jax_mce.json", "jax_breakdown.json",
-               "profile_tiny_sld_packed.json", "roofline_tiny_sld_packed_roofline.md",
-               "roofline_tiny_multimodal_ce_packed_roofline.md",
+               "profile_tiny_sld_packed_triton.json",
+               "roofline_tiny_sld_packed_triton_roofline.md",
+               "roofline_tiny_multimodal_ce_packed_triton_roofline.md",
                "trace.xplane.pb", "report.md"):
     assert (out / name).exists(), name
+  assert "main variant: packed_triton" in completed.stdout
   assert not list(out.glob("*.hlo")), "the programs stay on the machine"
   report = (out / "report.md").read_text()
   assert "did not finish" not in report, report
-  assert "| tiny | sld | `packed` |" in report
-  assert "| tiny | sld_jax `packed` |" in report
+  assert "| tiny | sld | `packed_triton` |" in report
+  assert "| tiny | sld_jax `packed_triton` |" in report
   assert "| loss_pass |" in report and "| optimizer_and_metrics |" in report
   mce = json.loads((out / "jax_mce.json").read_text())["results"][0]
   assert mce["method"] == "multimodal_ce" and mce["step_seconds"] > 0

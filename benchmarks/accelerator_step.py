@@ -47,6 +47,9 @@ model width and ``S`` the row length. Rematerialisation is not counted
                      (``segment_slot_multiple=4``) instead of powers of two
   packed_triton      packed with the Pallas Triton flash attention
                      (``attention_implementation="triton"``) instead of cuDNN
+  packed_triton_blocks_64, packed_triton_backward_32
+                     packed_triton with forward blocks of 64 (not 128), or
+                     backward blocks of 32 (not 64)
 
 Each configuration runs in its own process (``--in_process`` runs them in
 this one), so that the device's ``peak_bytes_in_use`` is that configuration's
@@ -147,6 +150,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "packed_slots_by_4": dict(_PACKED, decoder=dict(_PACKED["decoder"], segment_slot_multiple=4)),
     "packed_triton": dict(_PACKED, decoder=dict(_PACKED["decoder"],
                                                 attention_implementation="triton")),
+    "packed_triton_blocks_64": dict(_PACKED, decoder=dict(
+        _PACKED["decoder"], attention_implementation="triton", triton_block=64)),
+    "packed_triton_backward_32": dict(_PACKED, decoder=dict(
+        _PACKED["decoder"], attention_implementation="triton", triton_backward_block=32)),
     "xla_fused": dict(_FUSED, decoder=dict(_FUSED["decoder"], attention_implementation="xla")),
 }
 # Off GPUs these become "xla" ("triton" would run interpreted, for tests only).
@@ -461,7 +468,7 @@ def check_attention(args) -> dict[str, Any]:
           q, k, v, *packed_attention.segment_layout(segments, 32)[:2], scale),
       "triton": lambda q, k, v: triton_attention.triton_attention(q, k, v, segments, scale),
       "triton_blocks_64": lambda q, k, v: triton_attention.triton_attention(
-          q, k, v, segments, scale, block=64, backward_block=64),
+          q, k, v, segments, scale, block=64),
       "triton_backward_32": lambda q, k, v: triton_attention.triton_attention(
           q, k, v, segments, scale, backward_block=32),
   }

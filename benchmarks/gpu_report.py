@@ -37,8 +37,11 @@ SMALL_MFU_GOAL = 0.35
 MEDIUM_PEAK_GIB_GOAL = 30.0
 SLD_OVER_MCE_GOAL = 1.03
 # The packed step with cuDNN's attention, or with the Pallas Triton kernel
-# where the run's attention check timed that faster (faster_packed_variant).
-PACKED_VARIANTS = ("packed", "packed_triton")
+# (at one of its block choices) where the run's attention check timed that
+# faster (faster_packed_variant): attention.json's name -> the step's variant.
+TRITON_VARIANTS = {"triton": "packed_triton", "triton_blocks_64": "packed_triton_blocks_64",
+                   "triton_backward_32": "packed_triton_backward_32"}
+PACKED_VARIANTS = ("packed", *TRITON_VARIANTS.values())
 # The Triton kernel's largest relative error (output, gradients) against the
 # float32 reference that still lets it stand in for cuDNN's: bf16 attention
 # errs by about 1%.
@@ -74,18 +77,20 @@ def _number(value: Optional[float], pattern: str) -> str:
 
 
 def faster_packed_variant(directory: str) -> str:
-  """``"packed_triton"`` where the run's ``attention.json`` timed the Triton
-  kernel faster than cuDNN's packed attention as training calls it (host
-  offsets, ``cudnn_packed_host_pow2``) and within ``TRITON_ERROR_BOUND``;
-  ``"packed"`` otherwise, or without that file."""
+  """The packed variant whose attention the run's ``attention.json`` timed
+  fastest: the quickest Triton block choice within ``TRITON_ERROR_BOUND``
+  where it beat cuDNN's packed attention as training calls it (host
+  offsets, ``cudnn_packed_host_pow2``), else ``"packed"`` (also without that
+  file, or without cuDNN's time)."""
   payload = _load(directory, "attention.json") or {}
-  triton = payload.get("triton_fwd_bwd_ms")
-  cudnn = payload.get("cudnn_packed_host_pow2_fwd_bwd_ms")
-  errors = payload.get("triton_relative_error") or {}
-  if (triton is None or cudnn is None or not errors
-      or max(errors.values()) > TRITON_ERROR_BOUND or triton >= cudnn):
-    return "packed"
-  return "packed_triton"
+  best, best_ms = "packed", payload.get("cudnn_packed_host_pow2_fwd_bwd_ms")
+  if best_ms is None:
+    return best
+  for name, variant in TRITON_VARIANTS.items():
+    ms, errors = payload.get(f"{name}_fwd_bwd_ms"), payload.get(f"{name}_relative_error")
+    if ms is not None and errors and max(errors.values()) <= TRITON_ERROR_BOUND and ms < best_ms:
+      best, best_ms = variant, ms
+  return best
 
 
 def main_variant(directory: str) -> str:

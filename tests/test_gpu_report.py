@@ -138,6 +138,17 @@ def test_the_faster_packed_attention_is_the_main_variant(tmp_path, triton_ms, tr
   assert gpu_report.faster_packed_variant(tmp_path / "no_such_run") == "packed"
 
 
+def test_the_fastest_accurate_triton_block_choice_is_picked(tmp_path):
+  _write(tmp_path, "attention.json", {
+      "cudnn_packed_host_pow2_fwd_bwd_ms": 0.60,
+      "triton_fwd_bwd_ms": 0.50, "triton_relative_error": {"out": 0.004},
+      "triton_blocks_64_fwd_bwd_ms": 0.30, "triton_blocks_64_relative_error": {"dq": 0.9},
+      "triton_backward_32_fwd_bwd_ms": 0.40,
+      "triton_backward_32_relative_error": {"out": 0.004, "dv": 0.01}})
+  # blocks_64 is the fastest but wrong; backward_32 is the fastest right one.
+  assert gpu_report.faster_packed_variant(tmp_path) == "packed_triton_backward_32"
+
+
 def test_the_report_follows_the_variant_the_main_stage_timed(tmp_path):
   _write(tmp_path, "jax_main.json", {"results": [
       _jax("gpt2_medium", "sld", "packed_triton", 0.090, 0.45, 20.0)]})

@@ -10,7 +10,10 @@
   written out over the ``[L, L]`` mask: values and gradients, float32 and
   bfloat16, forward and backward blocks equal or not.
 - ``visited_block_fraction`` on a hand-counted row.
-(Within the decoder, under a mesh, and the errors: ``test_fused_paths.py``.)
+- The decoder passes ``DecoderConfig.triton_block`` / ``triton_backward_block``
+  to the kernel; the config refuses blocks that are not powers of two >= 16.
+(Within the decoder against the reference at its defaults, under a mesh, and
+the errors: ``test_fused_paths.py``.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sld_jax.model import decoder
 from sld_jax.model import triton_attention
+from sld_jax.model.config import DecoderConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -133,3 +138,32 @@ def test_visited_block_fraction_counts_the_skipped_blocks():
   segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 0]], np.int32)
   assert triton_attention.visited_block_fraction(segments, block=4) == pytest.approx(0.6)
   assert triton_attention.visited_block_fraction(np.ones((2, 16), np.int32), 4) == 1.0
+
+
+def test_the_decoder_runs_the_kernel_with_its_configured_blocks():
+  """Rows of 64 tokens take blocks of 64 and 32 (the default 128 would
+  refuse them); the logits equal the written-out attention's."""
+  einsum = DecoderConfig(vocab_size=64, num_layers=1, num_heads=2, embed_dim=32, mlp_dim=64,
+                         max_length=64, dropout_rate=0.0)
+  triton = einsum.replace(attention_implementation="triton", triton_block=64,
+                          triton_backward_block=32)
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(1, 64, (2, 64)), jnp.int32)
+  segments = jnp.asarray([[1] * 20 + [2] * 40 + [0] * 4, [1] * 64], jnp.int32)
+  positions = jnp.asarray([list(range(20)) + list(range(40)) + [0] * 4, list(range(64))],
+                          jnp.int32)
+  params = decoder.Decoder(einsum).init(jax.random.key(0), tokens, positions, segments)
+  logits = {name: decoder.Decoder(config).apply(params, tokens, positions, segments)
+            for name, config in (("einsum", einsum), ("triton", triton))}
+  real = np.asarray(segments) > 0
+  np.testing.assert_allclose(np.asarray(logits["triton"])[real],
+                             np.asarray(logits["einsum"])[real], atol=1e-4)
+  with pytest.raises(ValueError, match=r"row length \(64\) to be a multiple of 128"):
+    decoder.Decoder(einsum.replace(attention_implementation="triton")).apply(
+        params, tokens, positions, segments)
+
+
+@pytest.mark.parametrize("field,value", [("triton_block", 96), ("triton_backward_block", 8)])
+def test_triton_blocks_must_be_powers_of_two_from_16(field, value):
+  with pytest.raises(ValueError, match=f"DecoderConfig.{field} must be a power of two >= 16"):
+    DecoderConfig(vocab_size=64, **{field: value})

@@ -232,8 +232,9 @@ class SelfAttention(nn.Module):
     if cfg.attention_implementation == "splash":
       out = splash.splash_attention(query, key, value, mask, scale, HEAD_ACTIVATION_AXES)
     elif cfg.attention_implementation == "triton":
-      out = triton_attention.triton_attention(query, key, value, mask, scale,
-                                              HEAD_ACTIVATION_AXES)
+      out = triton_attention.triton_attention(
+          query, key, value, mask, scale, HEAD_ACTIVATION_AXES, block=cfg.triton_block,
+          backward_block=cfg.triton_backward_block)
     elif cfg.attention_implementation == "cudnn_packed":
       segment_ids, starts = mask if isinstance(mask, tuple) else (mask, None)
       out = packed_attention.packed_attention(query, key, value, segment_ids, scale,

@@ -345,6 +345,67 @@ def compute_loss(logits, targets, weights, segment_ids=None, *,
                               kl_normalization=kl_normalization, denominators=denominators)
 
 
+@jax.custom_jvp
+def softmax_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(logsumexp, max, first argmax)`` over the last axis::
+
+    x = [[1.0, 3.0, 3.0, 0.0]]  ->  (3 + log(e^-2 + 1 + 1 + e^-3), 3.0, 1)
+
+  Compiled for a GPU, in one pass over ``x`` (``one_pass_softmax_statistics``);
+  elsewhere as XLA's ``logsumexp``, ``max`` and ``argmax``
+  (``two_pass_softmax_statistics``), which XLA:CPU runs 3x faster than the
+  one-pass reduction. Differentiable in ``x`` through the logsumexp
+  (``softmax(x)``) and the maximum (its first argmax's tangent).
+  """
+  return jax.lax.platform_dependent(x, cuda=one_pass_softmax_statistics,
+                                    default=two_pass_softmax_statistics)
+
+
+def one_pass_softmax_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``softmax_statistics`` as one variadic reduction (the online softmax).
+
+  Each row keeps its running maximum ``m``, the sum ``s`` of ``exp(x - m)``
+  and the first index of ``m``: ``logsumexp = m + log(s)``. XLA's
+  ``logsumexp`` reads the row twice (its maximum, then the sum of
+  exponentials): over gpt2_medium's ``[4096, 50260]`` float32 chunks of text
+  logits, 0.8 GB per chunk more (XLA:GPU, H200 compile: -3.7 GB moved per
+  step).
+  """
+  positions = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  maximum, total, argmax = jax.lax.reduce(
+      (x, jnp.ones_like(x), positions),
+      (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype),
+       jnp.array(np.iinfo(np.int32).max, jnp.int32)),
+      _online_softmax_step, (x.ndim - 1,))
+  return maximum + jnp.log(total), maximum, argmax
+
+
+def two_pass_softmax_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``softmax_statistics`` as XLA's own reductions."""
+  return jax.nn.logsumexp(x, axis=-1), jnp.max(x, axis=-1), jnp.argmax(x, axis=-1)
+
+
+def _online_softmax_step(left, right):
+  """Joins two partial ``(max, sum of exp(x - max), first argmax)``: the sum
+  at the smaller maximum is rescaled, with one exponential."""
+  (max_l, sum_l, arg_l), (max_r, sum_r, arg_r) = left, right
+  high, low = jnp.maximum(max_l, max_r), jnp.minimum(max_l, max_r)
+  shrink = jnp.exp(jnp.where(low == -jnp.inf, -jnp.inf, low - high))
+  total = jnp.where(max_l >= max_r, sum_l + sum_r * shrink, sum_l * shrink + sum_r)
+  argmax = jnp.where(max_l > max_r, arg_l,
+                     jnp.where(max_r > max_l, arg_r, jnp.minimum(arg_l, arg_r)))
+  return high, total, argmax
+
+
+@softmax_statistics.defjvp
+def _softmax_statistics_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  lse, maximum, argmax = softmax_statistics(x)
+  d_lse = jnp.sum(jnp.exp(x - lse[..., None]) * dx, axis=-1)
+  d_max = jnp.take_along_axis(dx, argmax[..., None], axis=-1)[..., 0]
+  return (lse, maximum, argmax), (d_lse, d_max, np.zeros(argmax.shape, jax.dtypes.float0))
+
+
 def token_terms(logits, targets, layout: VocabLayout, temperature: float = 1.0,
                 with_kl: bool = True) -> dict[str, jax.Array]:
   """The per-token quantities every objective is made of, ``[B, L]`` each.
@@ -370,16 +431,16 @@ def token_terms(logits, targets, layout: VocabLayout, temperature: float = 1.0,
   logits = logits.astype(dtype)
   offset, num_units = layout.speech_offset, layout.speech_size
   text_logits, unit_logits = logits[..., :offset], logits[..., offset:layout.real_size]
-  # Every reduction is over the text part or the unit part, so that those
-  # over one part can share a pass over it; the unit part serves the KL.
-  lse_units = jax.nn.logsumexp(unit_logits, axis=-1)              # [B, L]
-  lse = jnp.logaddexp(jax.nn.logsumexp(text_logits, axis=-1), lse_units)
+  # Every reduction is over the text part or the unit part (one pass over
+  # each, softmax_statistics); the unit part serves the KL.
+  lse_text, max_text, argmax_text = softmax_statistics(text_logits)       # [B, L]
+  lse_units, max_units, argmax_units = softmax_statistics(unit_logits)
+  lse = jnp.logaddexp(lse_text, lse_units)
   safe_targets = jnp.clip(targets, 0, layout.real_size - 1).astype(jnp.int32)
   target_logit = jnp.take_along_axis(
       logits, safe_targets[..., None], axis=-1)[..., 0]           # [B, L]
   # argmax over the real vocabulary (the first of equal maxima: text first).
-  argmax = jnp.where(jnp.max(unit_logits, axis=-1) > jnp.max(text_logits, axis=-1),
-                     offset + jnp.argmax(unit_logits, axis=-1), jnp.argmax(text_logits, axis=-1))
+  argmax = jnp.where(max_units > max_text, offset + argmax_units, argmax_text)
   terms = {
       "nll": lse - target_logit,
       "correct": jax.lax.stop_gradient(argmax == targets),

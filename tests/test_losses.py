@@ -464,7 +464,10 @@ def _intermediates(jaxpr):
 
 @pytest.mark.parametrize("kl_target,temperature", [("paper", 1.0), ("reference", 2.0)])
 def test_no_one_hot_or_target_tensor_is_built(kl_target, temperature):
-  """Forward pass: the only [B, L, K|V] arrays are logits-derived floats."""
+  """Forward pass: the only [B, L, K|V] arrays are logits-derived floats, and
+  the column positions and ones that ``one_pass_softmax_statistics``'
+  reduction reads beside them (an ``iota`` and a broadcast constant, which
+  XLA builds inside the reduction's kernel): no comparison with the targets."""
   layout = VocabLayout(text_size=100, speech_size=300)
   loss_fn = lambda x, t, w: losses.compute_loss(
       x, t, w, None, layout=layout, kl_target=kl_target, temperature=temperature)[0]
@@ -473,9 +476,10 @@ def test_no_one_hot_or_target_tensor_is_built(kl_target, temperature):
   wide = [(name, aval) for name, aval in _intermediates(jaxpr.jaxpr)
           if len(aval.shape) == 3 and aval.shape[-1] > 1]
   assert wide, "expected the softmax over the vocabulary"
-  assert all(jnp.issubdtype(aval.dtype, jnp.floating) for _, aval in wide), wide
-  assert all(name in ("slice", "sub", "exp", "div", "convert_element_type")
-             for name, _ in wide), wide
+  assert all(jnp.issubdtype(aval.dtype, jnp.floating) or name == "iota"
+             for name, aval in wide), wide
+  assert all(name in ("slice", "sub", "exp", "div", "convert_element_type", "iota",
+                      "broadcast_in_dim") for name, _ in wide), wide
 
 
 # ----------------------------------------------------------------------------
@@ -644,6 +648,46 @@ def test_shape_mismatches_name_the_argument():
     losses.compute_loss(logits[..., :19], targets, weights, None, layout=LAYOUT)
   with pytest.raises(ValueError, match=r"config must be a LossConfig"):
     losses.compute_loss_from_config(logits, targets, weights, None, LAYOUT, {})
+
+
+@pytest.mark.parametrize("statistics", [losses.one_pass_softmax_statistics,
+                                        losses.two_pass_softmax_statistics,
+                                        losses.softmax_statistics])
+@pytest.mark.parametrize("width", [1, 7, 300])
+def test_softmax_statistics_equal_numpy(width, statistics):
+  """The one-pass reduction (the online softmax, what a GPU runs), XLA's
+  reductions (elsewhere) and the dispatching, differentiable function ==
+  float64 NumPy's logsumexp, max and first argmax: ties, -inf columns, a row
+  of -inf only. Their gradients (next test) == autodiff of
+  ``jax.nn.logsumexp`` and ``max`` (without ties, where jax's ``max`` splits
+  the gradient among the tied columns and this gives it to the first)."""
+  rng = np.random.default_rng(4)
+  x = (rng.standard_normal((3, 4, width)) * 6).astype(np.float32)
+  x[0, 0] = 2.0                                              # every column tied
+  x[0, 1, ::3] = -np.inf                                     # some columns -inf
+  x[0, 2, 0] = 40.0
+  x[1, 0, width // 2:] = x[1, 0].max() + 1                  # ties at the maximum
+  x[2, 3] = -np.inf                                          # nothing to normalise
+  lse, maximum, argmax = map(np.asarray, jax.jit(statistics)(jnp.asarray(x)))
+  x64 = x.astype(np.float64)
+  want_max = x64.max(axis=-1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    want_lse = want_max + np.log(np.exp(x64 - np.where(np.isinf(want_max), 0,
+                                                        want_max)[..., None]).sum(-1))
+  want_lse[2, 3] = -np.inf
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-6)
+  np.testing.assert_array_equal(maximum, want_max)
+  np.testing.assert_array_equal(argmax, x.argmax(axis=-1))
+
+
+def test_softmax_statistics_gradients_are_the_softmax_and_the_argmax():
+  rng = np.random.default_rng(5)
+  finite = jnp.asarray(rng.standard_normal((3, 4, 300)) * 6, jnp.float32)   # no ties
+  weights = jnp.asarray(rng.standard_normal((2, 3, 4)))
+  ours = lambda v: jnp.sum(jnp.stack(losses.softmax_statistics(v)[:2]) * weights)
+  autodiff = lambda v: jnp.sum(jnp.stack([jax.nn.logsumexp(v, -1), v.max(-1)]) * weights)
+  np.testing.assert_allclose(jax.grad(ours)(finite), jax.grad(autodiff)(finite), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_correct_is_the_first_argmax_over_the_real_vocabulary_ties_included():

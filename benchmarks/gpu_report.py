@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -80,12 +81,10 @@ def faster_packed_variant(directory: str) -> str:
   """The packed variant whose attention the run's ``attention.json`` timed
   fastest: the quickest Triton block choice within ``TRITON_ERROR_BOUND``
   where it beat cuDNN's packed attention as training calls it (host
-  offsets, ``cudnn_packed_host_pow2``), else ``"packed"`` (also without that
-  file, or without cuDNN's time)."""
+  offsets, ``cudnn_packed_host_pow2``) or cuDNN's failed, else ``"packed"``
+  (also without that file)."""
   payload = _load(directory, "attention.json") or {}
-  best, best_ms = "packed", payload.get("cudnn_packed_host_pow2_fwd_bwd_ms")
-  if best_ms is None:
-    return best
+  best, best_ms = "packed", payload.get("cudnn_packed_host_pow2_fwd_bwd_ms", math.inf)
   for name, variant in TRITON_VARIANTS.items():
     ms, errors = payload.get(f"{name}_fwd_bwd_ms"), payload.get(f"{name}_relative_error")
     if ms is not None and errors and max(errors.values()) <= TRITON_ERROR_BOUND and ms < best_ms:

@@ -10,8 +10,9 @@
 #                          forward+backward time (~70 s; ATTENTION="names"
 #                          times only those, ~30 s). It picks the packed
 #                          variant the stages below time: "packed_triton"
-#                          where the Triton kernel was faster than cuDNN's
-#                          packed attention, "packed" otherwise
+#                          (at its fastest accurate block choice) where the
+#                          Triton kernel beat cuDNN's packed attention or
+#                          cuDNN's failed, "packed" otherwise
 #                          (gpu_report.py --faster_packed_variant; VARIANT=
 #                          sets it, as a second call must: its $OUT is new)
 #   2. jax_main.json       sld_jax's packed step at gpt2_medium and gpt2_small, each

@@ -147,6 +147,11 @@ def test_the_fastest_accurate_triton_block_choice_is_picked(tmp_path):
       "triton_backward_32_relative_error": {"out": 0.004, "dv": 0.01}})
   # blocks_64 is the fastest but wrong; backward_32 is the fastest right one.
   assert gpu_report.faster_packed_variant(tmp_path) == "packed_triton_backward_32"
+  # cuDNN's packed attention failed: the Triton kernel it is, however fast.
+  _write(tmp_path, "attention.json", {
+      "cudnn_packed_host_pow2_error": "RuntimeError: cuDNN is not detected.",
+      "triton_fwd_bwd_ms": 3.0, "triton_relative_error": {"out": 0.004}})
+  assert gpu_report.faster_packed_variant(tmp_path) == "packed_triton"
 
 
 def test_the_report_follows_the_variant_the_main_stage_timed(tmp_path):

@@ -452,3 +452,19 @@ def test_layer_norm_backward_equals_the_differentiated_forward(dtype):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=1e-5, atol=1e-5 if dtype == jnp.float32 else 2e-2,
                                err_msg=name)
+
+
+def test_layer_norm_one_pass_variance_holds_for_offset_rows_and_large_dimensions():
+  """``var = mean(x^2) - mean^2`` against float64 NumPy on rows whose mean is
+  30x their spread, and on rows with one dimension 1000x the others (as
+  residual streams have): float32 accuracy within 1e-3."""
+  from sld_jax.model import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  offset = 30.0 + rng.standard_normal((4, 256))
+  spiky = rng.standard_normal((4, 256))
+  spiky[:, 7] = 1000.0
+  ones, zeros = jnp.ones(256), jnp.zeros(256)
+  for x in (offset, spiky):
+    got = layers.layer_norm(jnp.asarray(x, jnp.float32), ones, zeros, 1e-5, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float64), _naive_layer_norm(x, 1.0, 0.0, 1e-5),
+                               atol=1e-3)

@@ -315,6 +315,12 @@ def report(directory: str) -> str:
     lines += ["", "### Attention alone (one layer, forward + backward)", "",
               "| implementation | ms | largest relative error vs float32 |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.2f} | {_number(error, '.2%')} |" for name, ms, error in attention]
+    fraction = (_load(directory, "attention.json") or {}).get("triton_visited_block_fraction")
+    if fraction is not None:
+      lines += ["", f"The Triton kernel's forward pass visits {fraction:.1%} of causal "
+                "attention's 128 x 128 block pairs on these rows (`visited_block_fraction`)."]
+    lines += ["", "The packed step this check picks: "
+              f"`{faster_packed_variant(directory)}` (`--faster_packed_variant`)."]
   profile = (roofline_sections(directory) + breakdown_sections(directory)
              + profile_sections(directory))
   if profile:

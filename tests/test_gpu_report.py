@@ -54,6 +54,7 @@ def fixture_run_dir(tmp_path):
   _write(tmp_path, "attention.json", {
       "reference_f32_fwd_bwd_ms": 4.9, "cudnn_packed_host_by4_fwd_bwd_ms": 0.6,
       "cudnn_packed_host_by4_relative_error": {"out": 0.003, "dq": 0.006},
+      "triton_visited_block_fraction": 0.426,
       "cudnn_dense_mask_error": "RuntimeError: cuDNN is not detected."})
   _write(tmp_path, "jax_breakdown.json", {"results": [dict(
       _jax("gpt2_medium", "sld", "packed", 0.100, 0.40, 25.0),
@@ -109,6 +110,8 @@ def test_report_has_every_section(run_dir):
   assert "NVIDIA H200, jax 0.11.2, torch 2.11.0" in text
   assert "| gpt2_medium | sld_jax `packed` | 100.0 | 163,840 | 40.0% | 25.0 |" in text
   assert "| cudnn_packed_host_by4 | 0.60 | 0.60% |" in text
+  assert "visits 42.6% of causal attention's 128 x 128 block pairs" in text
+  assert "The packed step this check picks: `packed`" in text
   assert "| matmul | 60.0 | 60% |" in text and "| all | 100.0 | |" in text
   assert "| loss_pass | 12.0 | 12% |" in text and "| optimizer_and_metrics | 4.0 | 4% |" in text
   assert "| gpt2_medium | sld | `packed` | 100.0 | 57.0 | 57% |" in text

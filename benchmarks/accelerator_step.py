@@ -608,6 +608,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="XLA flags added to XLA_FLAGS for the configurations' processes")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
+  # A size, method or variant named twice (MEDIUM=SMALL=tiny in a dry run of
+  # gpu_step_comparison.sh) is one configuration.
+  args.sizes, args.methods, args.variants = (
+      list(dict.fromkeys(names)) for names in (args.sizes, args.methods, args.variants))
   if args.xla_flags and (args.in_process or args.memory_only or args.check_attention):
     parser.error("--xla_flags applies to the configurations' own processes; set XLA_FLAGS "
                  "instead with --in_process, --memory_only or --check_attention")

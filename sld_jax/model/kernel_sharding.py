@@ -1,4 +1,5 @@
-"""Running a one-device attention kernel under a device mesh.
+"""Running a one-device attention kernel: under a device mesh, and as a
+kernel or interpreted by the platform compiled for.
 
 A Pallas kernel is one device's program: XLA cannot split it over a mesh.
 Under a mesh (``jax.set_mesh``, as the trainer traces) it runs in
@@ -11,10 +12,12 @@ length axis must not be sharded (no sequence parallelism here).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 def on_each_device(kernel: Callable[..., jax.Array], query: jax.Array, key: jax.Array,
@@ -37,3 +40,19 @@ def on_each_device(kernel: Callable[..., jax.Array], query: jax.Array, key: jax.
   rows = jax.sharding.PartitionSpec(spec[0], None)
   return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, rows), out_specs=spec,
                        check_vma=False)(query, key, value, segment_ids)
+
+
+def kernel_or_interpreter(attend: Callable[..., jax.Array], platform: str, query: jax.Array,
+                          key: jax.Array, value: jax.Array, segment_ids: jax.Array
+                          ) -> jax.Array:
+  """``attend(interpret, query, key, value, segment_ids)`` with
+  ``interpret=False`` where the program is compiled for ``platform``
+  ("cuda" for Triton, "tpu" for Mosaic; also ahead of time, without such a
+  device: ``benchmarks/compile_only_gpu.py``), Pallas' interpreter elsewhere.
+  The choice follows the compiled-for platform (``jax.lax.platform_dependent``),
+  not the process's default backend. ``segment_ids`` go in as int32.
+  """
+  return jax.lax.platform_dependent(
+      query, key, value, segment_ids.astype(jnp.int32),
+      **{platform: functools.partial(attend, False)},
+      default=functools.partial(attend, True))

@@ -80,8 +80,4 @@ def _splash_on_one_device(query, key, value, segment_ids, scale):
 
     return jax.vmap(one_row)(query, key, value, segment_ids)
 
-  # The kernel where the program is compiled for a TPU (also ahead of time,
-  # without one), the interpreter elsewhere.
-  return jax.lax.platform_dependent(
-      query, key, value, segment_ids.astype(jnp.int32),
-      tpu=functools.partial(attend, False), default=functools.partial(attend, True))
+  return kernel_sharding.kernel_or_interpreter(attend, "tpu", query, key, value, segment_ids)

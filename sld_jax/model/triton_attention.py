@@ -128,14 +128,10 @@ def _on_one_device(query, key, value, segment_ids, scale, block, backward_block)
   if padded != head_dim:                       # zero columns change no score
     widths = [(0, 0)] * 3 + [(0, padded - head_dim)]
     query, key, value = (jnp.pad(x, widths) for x in (query, key, value))
-  attend = functools.partial(_attention, scale=scale, block=block, backward_block=backward_block)
+  def attend(interpret, query, key, value, segment_ids):
+    return _attention(query, key, value, segment_ids, scale, block, backward_block, interpret)
 
-  # The kernel where the program is compiled for a GPU (also without one:
-  # benchmarks/compile_only_gpu.py), the interpreter elsewhere.
-  out = jax.lax.platform_dependent(
-      query, key, value, segment_ids.astype(jnp.int32),
-      cuda=functools.partial(attend, interpret=False),
-      default=functools.partial(attend, interpret=True))
+  out = kernel_sharding.kernel_or_interpreter(attend, "cuda", query, key, value, segment_ids)
   return out[..., :head_dim]
 
 

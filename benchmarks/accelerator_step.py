@@ -101,6 +101,7 @@ import compile_only_gpu  # pylint: disable=g-import-not-at-top
 import hlo_roofline  # pylint: disable=g-import-not-at-top
 import train_throughput  # pylint: disable=g-import-not-at-top
 from sld_jax import atomic_files  # pylint: disable=g-import-not-at-top
+from sld_jax.model.config import DecoderConfig  # pylint: disable=g-import-not-at-top
 from sld_jax.vocab import VocabLayout  # pylint: disable=g-import-not-at-top
 
 
@@ -466,12 +467,18 @@ def check_attention(args) -> dict[str, Any]:
           q, k, v, segments, scale, 64),
       "cudnn_packed_no_fallback": lambda q, k, v: packed_attention.cudnn_packed_attention(
           q, k, v, *packed_attention.segment_layout(segments, 32)[:2], scale),
-      "triton": lambda q, k, v: triton_attention.triton_attention(q, k, v, segments, scale),
-      "triton_blocks_64": lambda q, k, v: triton_attention.triton_attention(
-          q, k, v, segments, scale, block=64),
-      "triton_backward_32": lambda q, k, v: triton_attention.triton_attention(
-          q, k, v, segments, scale, backward_block=32),
   }
+  # The Triton kernel at each block choice a step variant makes ("triton" for
+  # packed_triton, "triton_blocks_64" for packed_triton_blocks_64, ...).
+  for variant in VARIANTS:
+    overrides, _ = variant_options(variant, "gpu")
+    if overrides.get("attention_implementation") == "triton":
+      blocks = dict(block=overrides.get("triton_block", DecoderConfig.triton_block),
+                    backward_block=overrides.get("triton_backward_block",
+                                                 DecoderConfig.triton_backward_block))
+      implementations[variant.removeprefix("packed_")] = (
+          lambda q, k, v, blocks=blocks: triton_attention.triton_attention(
+              q, k, v, segments, scale, **blocks))
   # What training runs: the host's offsets, slots by power of two and by 4.
   count = packed_attention.host_segment_count(np.asarray(segments))
   for label, multiple in (("pow2", 0), ("by4", 4)):

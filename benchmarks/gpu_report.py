@@ -37,12 +37,12 @@ MEDIUM_MFU_GOAL = 0.45
 SMALL_MFU_GOAL = 0.35
 MEDIUM_PEAK_GIB_GOAL = 30.0
 SLD_OVER_MCE_GOAL = 1.03
-# The packed step with cuDNN's attention, or with the Pallas Triton kernel
-# (at one of its block choices) where the run's attention check timed that
-# faster (faster_packed_variant): attention.json's name -> the step's variant.
-TRITON_VARIANTS = {"triton": "packed_triton", "triton_blocks_64": "packed_triton_blocks_64",
-                   "triton_backward_32": "packed_triton_backward_32"}
-PACKED_VARIANTS = ("packed", *TRITON_VARIANTS.values())
+# The packed step is "packed" (cuDNN's attention) or, where the run's
+# attention check timed the Pallas Triton kernel faster
+# (faster_packed_variant), "packed_" + the check's name for it: "triton" ->
+# "packed_triton", "triton_blocks_64" -> "packed_triton_blocks_64", ...
+PACKED_VARIANT = "packed"
+TRITON_VARIANT_PREFIX = "packed_triton"
 # The Triton kernel's largest relative error (output, gradients) against the
 # float32 reference that still lets it stand in for cuDNN's: bf16 attention
 # errs by about 1%.
@@ -84,20 +84,24 @@ def faster_packed_variant(directory: str) -> str:
   offsets, ``cudnn_packed_host_pow2``) or cuDNN's failed, else ``"packed"``
   (also without that file)."""
   payload = _load(directory, "attention.json") or {}
-  best, best_ms = "packed", payload.get("cudnn_packed_host_pow2_fwd_bwd_ms", math.inf)
-  for name, variant in TRITON_VARIANTS.items():
-    ms, errors = payload.get(f"{name}_fwd_bwd_ms"), payload.get(f"{name}_relative_error")
-    if ms is not None and errors and max(errors.values()) <= TRITON_ERROR_BOUND and ms < best_ms:
-      best, best_ms = variant, ms
+  best, best_ms = PACKED_VARIANT, payload.get("cudnn_packed_host_pow2_fwd_bwd_ms", math.inf)
+  for name, ms in payload.items():
+    if not (name.startswith("triton") and name.endswith("_fwd_bwd_ms")):
+      continue
+    name = name[:-len("_fwd_bwd_ms")]
+    errors = payload.get(f"{name}_relative_error")
+    if errors and max(errors.values()) <= TRITON_ERROR_BOUND and ms < best_ms:
+      best, best_ms = f"packed_{name}", ms
   return best
 
 
 def main_variant(directory: str) -> str:
   """The packed variant the run's main stage timed (``jax_main.json``)."""
   for result in _results(_load(directory, "jax_main.json")):
-    if result.get("variant") in PACKED_VARIANTS:
-      return result["variant"]
-  return PACKED_VARIANTS[0]
+    variant = result.get("variant", "")
+    if variant == PACKED_VARIANT or variant.startswith(TRITON_VARIANT_PREFIX):
+      return variant
+  return PACKED_VARIANT
 
 
 def comparison_rows(directory: str) -> list[dict[str, Any]]:

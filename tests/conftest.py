@@ -9,6 +9,12 @@
   smoke corpus is built once per code version (its preparation holds a file
   lock, so parallel workers wait for each other) and a change to the TTS,
   features, k-means or task code reaches every test that reads it.
+- One persistent compilation cache for the whole run, shared by the xdist
+  workers and every process a test starts (they inherit the environment):
+  the suite compiles the same tiny programs in many tests and processes
+  (the synthetic trainer of the resume, reliability and sharding tests, the
+  smoke model of the CLI tests). It lives in the run's pytest base temp dir,
+  so pytest removes it with old runs, and a run never reads another's.
 - No gin config carried from one test into the next.
 """
 
@@ -64,6 +70,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("SLD_DATA_DIR", os.path.join(
     tempfile.gettempdir(), "sld_jax_test_data", corpus_code_hash()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_compilation_cache_per_run(tmp_path_factory):
+  """JAX_COMPILATION_CACHE_DIR for this process and the children of its
+  tests, every program cached however quick its compile (jax's defaults keep
+  only compiles over a second)."""
+  base = tmp_path_factory.getbasetemp()
+  run_dir = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  settings = {"JAX_COMPILATION_CACHE_DIR": str(run_dir / "jax_compilation_cache"),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+  os.environ.update(settings)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", settings["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield
 
 
 @pytest.fixture(autouse=True)

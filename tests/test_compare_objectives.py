@@ -2,12 +2,14 @@
 the plan and its gin, one real comparison end to end on the smoke corpus, and
 the report on fabricated run folders with known per-utterance errors.
 
-The real run trains 2 methods x 1 seed of a 1-layer, 32-wide model, dev WER
-every 2 steps, until the dev WER stops improving (patience 1, at most 6
-steps: one or two training segments), scores the selected checkpoints,
-then a second invocation finds them done and ``--report_only --publish``
-rebuilds the report elsewhere. The statistics of a 3 methods x 5 seeds report
-are checked on fabricated folders, since 15 real runs would take too long.
+The real run trains 2 methods x 1 seed of a 1-layer, 32-wide model for 4
+steps with dev WER every 2 (one training segment each), scores the selected
+checkpoints, then a second invocation finds them done and ``--report_only
+--publish`` rebuilds the report elsewhere. How a run is cut into training
+segments that resume from the latest checkpoint and stop on the dev WER is
+checked with a scripted trainer whose dev curve is known. The statistics of a
+3 methods x 5 seeds report are checked on fabricated folders, since 15 real
+runs would take too long.
 """
 
 from __future__ import annotations
@@ -159,11 +161,11 @@ def _script(out: str, env: dict[str, str], *flags: str) -> subprocess.CompletedP
                         capture_output=True, text=True, timeout=900)
 
 
-def test_real_comparison_stops_on_dev_wer_resumes_and_reports(tmp_path):
+def test_real_comparison_trains_scores_resumes_and_reports(tmp_path, capsys):
   out = str(tmp_path / "compare")
-  env = tiny_train.subprocess_env(1, str(tmp_path / "jax_cache"))
+  env = tiny_train.subprocess_env(1)
   flags = ["--base_gin", "gin_configs/experiments/smoke.gin", "--methods", "multimodal_ce",
-           "loss_masking", "--seeds", "1", "--patience", "1", "--gin.TRAIN_STEPS=6",
+           "loss_masking", "--seeds", "1", "--patience", "1", "--gin.TRAIN_STEPS=4",
            "--gin.EVAL_EVERY=2", *TINY]
   # smoke.gin includes objectives/sld.gin: each method's objective must win.
   first = _script(out, env, *flags)
@@ -178,15 +180,12 @@ def test_real_comparison_stops_on_dev_wer_resumes_and_reports(tmp_path):
     config = gin_values.operative_values(run_dir)
     assert (config["LossConfig.method"], config["SEED"], config["DATA_SEED"],
             config["SpeechTextLM.time_mask_prob"]) == (method, 1, 1, 0.3)
-    # Training stopped at the first evaluation where the rule says so: step 4
-    # (one segment) if step 4 did not improve on step 2, else step 6 (two).
+    # One segment of 4 steps, dev WER at 2 and 4; the better one is scored.
     curve = stopping.dev_curve(run_files.read_jsonl(os.path.join(run_dir,
                                                                  "eval_metrics.jsonl")))
     state = runner.read_state(run_dir)
-    stopped = state["stopped_at"]
-    assert [step for step, _ in curve] == list(range(2, stopped + 1, 2))
-    assert stopped == (4 if curve[1][1] >= curve[0][1] else 6)
-    assert [r["step"] for r in tiny_train.read_metrics(run_dir)] == list(range(1, stopped + 1))
+    assert state["stopped_at"] == 4 and [step for step, _ in curve] == [2, 4]
+    assert [r["step"] for r in tiny_train.read_metrics(run_dir)] == [1, 2, 3, 4]
     best = min(curve, key=lambda p: (p[1], p[0]))
     assert (state["status"], state["selected_step"], state["best_dev_wer"]) == (
         "done", best[0], best[1])
@@ -222,21 +221,91 @@ def test_real_comparison_stops_on_dev_wer_resumes_and_reports(tmp_path):
   assert "2 already done, 0 to run" in second.stdout and "[1/" not in second.stdout
   assert {path: os.path.getmtime(path) for path in logs} == logs
 
-  # Another training command in the same folders is refused before anything runs.
-  other = _script(out, env, *[f if f != "--gin.TRAIN_STEPS=6" else "--gin.TRAIN_STEPS=8"
-                              for f in flags])
-  assert other.returncode != 0
-  assert "was trained with another command" in other.stderr
-  assert "was: --gin_bindings=TRAIN_STEPS = 6" in other.stderr
-
+  # Another training command in the same folders is refused before anything
+  # runs; the report is rebuilt elsewhere (both in this process: no child).
+  with pytest.raises(SystemExit, match=r"(?s)was trained with another command.*"
+                                       r"was: --gin_bindings=TRAIN_STEPS = 4"):
+    comparison.main(["--out", out, *[f if f != "--gin.TRAIN_STEPS=4" else "--gin.TRAIN_STEPS=8"
+                                     for f in flags]])
   published = str(tmp_path / "docs")
-  rebuilt = _script(out, env, "--report_only", "--publish", published)
-  assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+  capsys.readouterr()
+  assert comparison.main(["--out", out, "--report_only", "--publish", published]) == 0
+  assert f"[compare] wrote {published}" in capsys.readouterr().out
   again = json.load(open(os.path.join(published, "results.json")))
   assert again["splits"][test_split]["pairs"] == data["pairs"]
   assert pair["conclusion"] in open(os.path.join(published, "results.md")).read()
   for name in FIGURES:
     _check_png(os.path.join(published, "results", name))
+
+
+# A trainer and a scorer that write what sld_jax.train and sld_jax.eval write
+# (checkpoints/<step>, metrics.jsonl, eval_metrics.jsonl, eval/metrics.jsonl)
+# along a known dev curve, resuming from the latest checkpoint as they do.
+SCRIPTED_TRAIN = """
+import json, os, sys
+run_dir, stop_after = sys.argv[1], int(sys.argv[2])
+checkpoints = os.path.join(run_dir, "checkpoints")
+os.makedirs(checkpoints, exist_ok=True)
+start = max([int(name) for name in os.listdir(checkpoints)] or [0])
+dev_wer = {2: 50.0, 4: 40.0, 6: 45.0, 8: 30.0, 10: 20.0}
+with open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics, \\
+     open(os.path.join(run_dir, "eval_metrics.jsonl"), "a") as evals:
+  for step in range(start + 1, start + stop_after + 1):
+    metrics.write(json.dumps({"step": step, "step_time": 0.1}) + "\\n")
+    if step % 2 == 0:
+      evals.write(json.dumps({"step": step, "dev/wer": dev_wer[step]}) + "\\n")
+      os.makedirs(os.path.join(checkpoints, str(step)))
+print(f"segment {start} -> {start + stop_after}")
+"""
+SCRIPTED_EVAL = """
+import json, os, sys
+run_dir, step = sys.argv[1], int(sys.argv[2])
+os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
+with open(os.path.join(run_dir, "eval", "metrics.jsonl"), "a") as f:
+  f.write(json.dumps({"step": step, "task": "t", "split": "test", "wer": 12.5, "cer": 6.0}) + "\\n")
+"""
+
+
+class _ScriptedRecipe:
+  """TRAIN_STEPS 10, dev WER every 2 steps, patience 1, scripted children."""
+  patience = 1
+
+  def schedule(self, method):
+    del method
+    return 10, 2
+
+  def train_command(self, spec, run_dir, stop_after_steps=None):
+    del spec
+    return [sys.executable, "-c", SCRIPTED_TRAIN, run_dir, str(stop_after_steps)]
+
+  def eval_command(self, spec, run_dir, step):
+    del spec
+    return [sys.executable, "-c", SCRIPTED_EVAL, run_dir, str(step)]
+
+
+def test_runs_train_in_segments_that_resume_and_stop_on_dev_wer(tmp_path):
+  """Dev WER 50, 40, 45, 30, 20 at steps 2-10, patience 1: the first segment
+  ends at step 4 (the earliest a run can stop), the second resumes there and
+  ends at 6, where the rule stops (no improvement on step 4 for one
+  evaluation); step 4 is scored, not the later and better step 8."""
+  [spec] = plan_lib.build_plan(["sld"], [0])
+  lines = []
+  def echo(*parts, **unused):
+    lines.append(" ".join(map(str, parts)))
+  state = runner.Runner(str(tmp_path), _ScriptedRecipe(), dict(os.environ), echo).run(spec, 1, 1)
+  run_dir = str(tmp_path / spec.run_dir)
+  assert (state["status"], state["selected_step"], state["best_dev_wer"], state["stopped_at"]) \
+      == ("done", 4, 40.0, 6)
+  assert "dev WER did not improve for 1 evaluations after step 4" in state["stop_reason"]
+  with open(os.path.join(run_dir, "train.log")) as f:
+    segments = [line.strip() for line in f if line.startswith("segment ")]
+  assert segments == ["segment 0 -> 4", "segment 4 -> 6"]
+  assert [r["step"] for r in tiny_train.read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+  assert run_files.scored_splits(run_dir, 4)[("t", "test")]["wer"] == 12.5
+  assert any("step 4/10: dev WER 40.00" in line for line in lines), lines
+  assert any("step 6/10: dev WER 45.00 (best 40.00 at 4)" in line for line in lines), lines
+  # Done, and scored with the command the recipe gives: a rerun skips it.
+  assert runner.is_done(str(tmp_path), spec, _ScriptedRecipe())
 
 
 # ----------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
       "triton_relative_error": {"out": 0.004, "dq": 0.008}})
   environment = dict(
       os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), MEDIUM="tiny",
-      SMALL="tiny", MATMUL="64", STAGES="2 4 5", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+      SMALL="tiny", MATMUL="64", STAGES="2 4 5",
       SHAPE="--rows 2 --length 256 --steps 1 --text_size 300 --speech_size 100")
   environment.pop("XLA_FLAGS", None)          # the children run as a user would
   completed = subprocess.run(["bash", str(repo / "benchmarks/gpu_step_comparison.sh")],

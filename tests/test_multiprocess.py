@@ -43,11 +43,10 @@ def _finished_line(stderr: str) -> tuple[int, int, float, float]:
   return int(process), int(step), float(loss), float(checksum)
 
 
-def test_two_processes_agree_with_each_other_and_with_one(tmp_path, tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
   shared_dir = str(tmp_path / "two_processes")
   port = _free_port()
-  env = tiny_train.subprocess_env(4, cache)
+  env = tiny_train.subprocess_env(4)
   processes = [
       subprocess.Popen(
           tiny_train.train_command(shared_dir, STEPS, flags=[
@@ -74,7 +73,7 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, tmp_path_fac
   assert "process 1 of 2; 4 local of 8 devices" in outputs[1]
 
   single_dir = str(tmp_path / "one_process")
-  tiny_train.run(tiny_train.train_command(single_dir, STEPS), tiny_train.subprocess_env(8, cache))
+  tiny_train.run(tiny_train.train_command(single_dir, STEPS), tiny_train.subprocess_env(8))
   two, one = tiny_train.read_metrics(shared_dir), tiny_train.read_metrics(single_dir)
   assert [line["step"] for line in two] == [line["step"] for line in one]
   np.testing.assert_allclose([line["loss"] for line in two], [line["loss"] for line in one],

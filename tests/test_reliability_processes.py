@@ -26,8 +26,8 @@ import tiny_train
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return tiny_train.subprocess_env(1, str(tmp_path_factory.mktemp("jax_cache")))
+def env():
+  return tiny_train.subprocess_env(1)
 
 
 def _run(command, env, timeout=240):

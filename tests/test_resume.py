@@ -69,9 +69,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
   assert os.path.exists(tmp_path / "resumed" / "config.gin")
 
 
-def test_resume_after_kill_9(tmp_path, tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
-  env = tiny_train.subprocess_env(8, cache)
+def test_resume_after_kill_9(tmp_path):
+  env = tiny_train.subprocess_env(8)
   steps = 10
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   tiny_train.run(tiny_train.train_command(straight, steps), env)

@@ -5,8 +5,11 @@
 (under ``$SLD_DATA_DIR``; a fresh directory for the test unless the
 environment sets one), trains the tiny model and writes metrics, TensorBoard
 events, checkpoints and the operative config. TRAIN_STEPS is lowered to 12
-to keep the suite short; the loss must still fall clearly. (A missing
-MODEL_DIR failing loudly is tested in test_gin_configs.py.)
+to keep the suite short; the loss must still fall clearly. The run's console
+is the quiet one a user sees (their shell has no TF_CPP_MIN_LOG_LEVEL):
+progress, the paths written and our "dropped N" lines, none of the libraries'
+start-up lines (``--verbose`` is test_console.py's). (A missing MODEL_DIR
+failing loudly is tested in test_gin_configs.py.)
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ METRICS = ("step", "loss", "ce_text", "ce_speech", "kl_speech", "accuracy_text",
            "accuracy_speech", "learning_rate", "grad_norm", "tokens_per_second", "step_time")
 
 
-def _run_smoke_command(data_dir: str, model_dir: str, cache_dir: str) -> str:
-  env = tiny_train.subprocess_env(1, cache_dir)
+def _run_smoke_command(data_dir: str, model_dir: str) -> str:
+  env = tiny_train.subprocess_env(1)
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)    # what a user's shell has
   env["SLD_DATA_DIR"] = data_dir
   command = [sys.executable, "-m", "sld_jax.train",
              "--gin_file=gin_configs/experiments/smoke.gin", f'--gin.MODEL_DIR="{model_dir}"',
@@ -39,7 +43,7 @@ def test_smoke_experiment_trains_and_its_data_follows_the_step(tmp_path, monkeyp
   # over pytest-xdist workers.
   data_dir = os.environ.get("SLD_DATA_DIR") or str(tmp_path / "sld_data")
   model_dir = str(tmp_path / "run")
-  log = _run_smoke_command(data_dir, model_dir, str(tmp_path / "jax_cache"))
+  log = _run_smoke_command(data_dir, model_dir)
   _check_training_outputs(model_dir, log)
   monkeypatch.setenv("SLD_DATA_DIR", data_dir)
   _check_seqio_batches_follow_the_step()
@@ -75,6 +79,11 @@ def _check_training_outputs(model_dir: str, log: str) -> None:
   assert "sld_embedded_digits_whisper_smoke" in config
   assert "decoder_config.num_layers = 2" in config
   assert re.search(r"step 12/12 \(100%\) loss [\d.]+ .*\| ETA 0:00:00", log), log[-3000:]
+  for noise in ("cuInit", "normalizer.cc", "absl::InitializeLog", "dataset_providers.py",
+                "Generating train examples"):
+    assert noise not in log, (noise, log[-4000:])
+  assert "Wrote the operative gin config to" in log
+  assert re.search(r"truncated the speech of \d+ of \d+ examples .* dropped \d+", log)
 
 
 def _check_seqio_batches_follow_the_step() -> None:

@@ -3,9 +3,9 @@
 ``train_command`` shrinks ``gin_configs/experiments/synthetic.gin`` to a
 1-layer, 32-wide model on 8 x 32-token batches with a constant learning rate
 (so a run's steps do not depend on TRAIN_STEPS) and no evaluation.
-``subprocess_env`` gives a child its own device count, cheaper XLA CPU
-compilation and a persistent compilation cache shared by the children of a
-test session, so repeated runs of the same program compile once.
+``subprocess_env`` gives a child its own device count and cheaper XLA CPU
+compilation; it inherits the run's persistent compilation cache
+(tests/conftest.py), so repeated runs of the same program compile once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,16 +44,12 @@ def train_command(model_dir: str, train_steps: int, extra: Sequence[str] = (),
           *[f"--gin.{binding}" for binding in bindings], *flags]
 
 
-def subprocess_env(devices: int, cache_dir: Optional[str] = None) -> dict[str, str]:
+def subprocess_env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-  if cache_dir:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
   return env
 
 

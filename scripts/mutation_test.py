@@ -241,6 +241,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("packed/slot_multiple_ignored", "sld_jax/lm.py",
       "self.config.segment_slot_multiple)", "0)", ("tests/test_packed_attention.py",),
       "the host declares power-of-two slots whatever segment_slot_multiple says"),
+    # --- the objective comparison --------------------------------------------
+    M("comparison/segment_from_zero", "sld_jax/comparison/runner.py",
+      "      start = latest or 0\n", "      start = 0\n",
+      ("tests/test_compare_objectives.py", "-k", "segments"),
+      "a resumed run's next segment is measured from step 0, not its latest checkpoint"),
 )
 
 

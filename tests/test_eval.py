@@ -21,6 +21,9 @@ from sld_jax.lm import SpeechTextLM
 from sld_jax.model.config import decoder_config
 from sld_jax.vocab import VocabLayout
 
+# Its module fixtures are built once: all of it on one xdist worker (scripts/test.sh).
+pytestmark = pytest.mark.xdist_group("eval")
+
 jax.config.update("jax_default_matmul_precision", "highest")
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
 

@@ -27,6 +27,9 @@ from sld_jax import vocab as vocab_lib
 from sld_jax.model import decoder as decoder_lib
 from sld_jax.model.config import decoder_config
 
+# Its module fixtures are built once: all of it on one xdist worker (scripts/test.sh).
+pytestmark = pytest.mark.xdist_group("hf_gpt2")
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 SPEECH_SIZE = 20

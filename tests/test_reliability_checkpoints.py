@@ -33,6 +33,9 @@ from sld_jax.model.config import decoder_config
 
 import tiny_train
 
+# Its module fixtures are built once: all of it on one xdist worker (scripts/test.sh).
+pytestmark = pytest.mark.xdist_group("reliability_checkpoints")
+
 
 def _train(model_dir, total_steps, embed_dim=32, **overrides):
   source = input_pipeline.SyntheticSource(text_size=16, speech_size=48, global_batch_size=8,

@@ -107,6 +107,6 @@ def test_one_compilation_cache_per_run_reaches_this_process_and_its_children(
                          capture_output=True, text=True, timeout=120, check=True)
   assert child.stdout.strip() == cache
   assert os.listdir(cache), "the child's program was not cached"
-  # The suite command gives each test module one worker (module fixtures once).
+  # The suite command keeps a marked module on one worker (module fixtures once).
   suite = (conftest.REPO_ROOT / "scripts" / "test.sh").read_text()
-  assert "python3 -m pytest -q -n 2 --dist loadscope tests" in suite
+  assert "python3 -m pytest -q -n 2 --dist loadgroup tests" in suite

@@ -27,6 +27,9 @@ from sld_jax.model.config import decoder_config
 
 import tiny_train
 
+# Its module fixtures are built once: all of it on one xdist worker (scripts/test.sh).
+pytestmark = pytest.mark.xdist_group("train_sharding")
+
 STEPS = 3
 RTOL = 1e-4
 

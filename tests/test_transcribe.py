@@ -31,6 +31,9 @@ from sld_jax.speech import front_end
 from sld_jax.speech import prepare
 from sld_jax.vocab import VocabLayout
 
+# Its module fixtures are built once: all of it on one xdist worker (scripts/test.sh).
+pytestmark = pytest.mark.xdist_group("transcribe")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_TASK = "sld_embedded_digits_whisper_smoke"
 STEPS = 2

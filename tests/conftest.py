@@ -72,14 +72,20 @@ os.environ.setdefault("SLD_DATA_DIR", os.path.join(
     tempfile.gettempdir(), "sld_jax_test_data", corpus_code_hash()))
 
 
+def compilation_cache_dir(tmp_path_factory) -> str:
+  """The run's compilation cache: in the base temp dir that the xdist workers'
+  own base temp dirs share (``pytest-N/`` above ``pytest-N/popen-gw0/``)."""
+  base = tmp_path_factory.getbasetemp()
+  run_dir = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  return str(run_dir / "jax_compilation_cache")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_compilation_cache_per_run(tmp_path_factory):
   """JAX_COMPILATION_CACHE_DIR for this process and the children of its
   tests, every program cached however quick its compile (jax's defaults keep
   only compiles over a second)."""
-  base = tmp_path_factory.getbasetemp()
-  run_dir = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  settings = {"JAX_COMPILATION_CACHE_DIR": str(run_dir / "jax_compilation_cache"),
+  settings = {"JAX_COMPILATION_CACHE_DIR": compilation_cache_dir(tmp_path_factory),
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
   os.environ.update(settings)

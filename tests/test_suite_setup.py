@@ -96,9 +96,7 @@ def test_our_deprecation_warnings_are_errors_and_third_party_ones_ignored():
 def test_one_compilation_cache_per_run_reaches_this_process_and_its_children(
     tmp_path_factory):
   import jax  # pylint: disable=g-import-not-at-top
-  base = tmp_path_factory.getbasetemp()
-  run_dir = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  cache = str(run_dir / "jax_compilation_cache")
+  cache = conftest.compilation_cache_dir(tmp_path_factory)
   assert jax.config.jax_compilation_cache_dir == cache
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
   code = ("import jax, jax.numpy as jnp; jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)); "
